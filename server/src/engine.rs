@@ -1,0 +1,842 @@
+//! The engine: the one thread that makes every iptables call. RPC handlers send it commands and
+//! wait for the reply. Pending SetEgress commands are drained together and coalesced into one
+//! transaction per family; between commands the engine re-reads its chains every resync interval
+//! and repairs drift.
+
+use kilo_egress_api::egress::{EgressAddrs, Family, ParsedEgress};
+use std::sync::Arc;
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::time::{Duration, Instant, SystemTime};
+use tokio::sync::{oneshot, watch};
+use tracing::{debug, error, info, warn};
+
+use crate::netfilter::{Netfilter, NetfilterError};
+use crate::rules::{
+    self, Desired, KILO_NAT, ModeConfig, Observed, ObservedRule, POSTROUTING, Rule,
+};
+use crate::state::{Loaded, StateError, StateStore, StoredState};
+
+/// How the engine runs.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Who writes the chain.
+    pub mode: ModeConfig,
+    /// How often the engine re-reads its chains to detect drift.
+    pub resync_interval: Duration,
+}
+
+/// A validated SetEgress request.
+#[derive(Debug, Clone)]
+pub struct SetRequest {
+    /// The parsed addresses.
+    pub parsed: ParsedEgress,
+    /// Only show what would change.
+    pub dry_run: bool,
+    /// Optimistic concurrency: fail unless the generation equals this.
+    pub expected_generation: Option<u64>,
+    /// Who asked, for the log.
+    pub requester: String,
+}
+
+/// One rule as reported to clients.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReportedRule {
+    /// The rule and its counters.
+    pub observed: ObservedRule,
+    /// Whether the service wrote it.
+    pub owned: bool,
+}
+
+/// The rules of one family as reported to clients.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FamilyReport {
+    /// The family.
+    pub family: Family,
+    /// KILO-NAT in kernel order, then (own mode) the owned POSTROUTING jumps.
+    pub rules: Vec<ReportedRule>,
+    /// Whether the kernel holds exactly what is desired.
+    pub in_sync: bool,
+    /// A short human-readable status.
+    pub status: String,
+}
+
+/// The reply to a SetEgress request.
+#[derive(Debug, Clone)]
+pub struct SetOutcome {
+    /// The pair this request chose.
+    pub addrs: EgressAddrs,
+    /// The generation after this request.
+    pub generation: u64,
+    /// Ignored addresses and other remarks.
+    pub warnings: Vec<String>,
+    /// The rules as programmed (or as they would be, for a dry run).
+    pub rules: Vec<FamilyReport>,
+    /// Whether this was a dry run.
+    pub dry_run: bool,
+}
+
+/// The reply to a GetRules request.
+#[derive(Debug, Clone)]
+pub struct StatusReport {
+    /// The chosen pair.
+    pub addrs: EgressAddrs,
+    /// Its generation.
+    pub generation: u64,
+    /// `own` or `kilo`.
+    pub mode: &'static str,
+    /// The rules read back from the kernel, per family.
+    pub families: Vec<FamilyReport>,
+    /// Whether every family is in sync.
+    pub in_sync: bool,
+    /// The last error met while applying, if the last attempt failed.
+    pub last_error: Option<String>,
+    /// When rules were last applied successfully.
+    pub last_apply: Option<SystemTime>,
+    /// The iptables backend.
+    pub backend: &'static str,
+}
+
+/// Why a SetEgress request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// `expected_generation` did not match.
+    #[error(
+        "generation is {current}, not the expected {expected}; read the current state (GetRules) and retry"
+    )]
+    StaleGeneration {
+        /// What the caller expected.
+        expected: u64,
+        /// The current generation.
+        current: u64,
+    },
+    /// The kernel refused the change; the previous state stays programmed.
+    #[error("applying the rules failed, the previous egress state stays in place: {0}")]
+    Apply(String),
+    /// The state could not be saved; nothing was changed.
+    #[error("saving the state failed, nothing was changed: {0}")]
+    State(#[from] StateError),
+    /// The engine is not running.
+    #[error("the engine has stopped")]
+    Stopped,
+}
+
+enum Command {
+    Set(SetRequest, oneshot::Sender<Result<SetOutcome, EngineError>>),
+    Get(oneshot::Sender<StatusReport>),
+}
+
+/// A cheap, cloneable handle that sends commands to the engine.
+#[derive(Clone)]
+pub struct EngineHandle {
+    commands: mpsc::Sender<Command>,
+    ready: watch::Receiver<bool>,
+}
+
+impl EngineHandle {
+    /// Sends a SetEgress request and waits until its rules are in the kernel.
+    pub async fn set(&self, request: SetRequest) -> Result<SetOutcome, EngineError> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::Set(request, reply))
+            .map_err(|_| EngineError::Stopped)?;
+        answer.await.map_err(|_| EngineError::Stopped)?
+    }
+
+    /// Reads the current state and the rules from the kernel.
+    pub async fn status(&self) -> Result<StatusReport, EngineError> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::Get(reply))
+            .map_err(|_| EngineError::Stopped)?;
+        answer.await.map_err(|_| EngineError::Stopped)
+    }
+
+    /// Becomes true after the first successful apply.
+    pub fn ready(&self) -> watch::Receiver<bool> {
+        self.ready.clone()
+    }
+}
+
+/// The engine's state, owned by its thread.
+pub struct Engine {
+    config: EngineConfig,
+    netfilter: Arc<dyn Netfilter>,
+    store: StateStore,
+    state: StoredState,
+    last_error: Option<String>,
+    last_apply: Option<SystemTime>,
+    ready: watch::Sender<bool>,
+}
+
+/// What one reconcile of one family did.
+struct FamilyApply {
+    rules_touched: usize,
+    drift: Vec<String>,
+}
+
+impl Engine {
+    /// Loads the stored state, programs it, and starts the engine thread. Returns once the first
+    /// apply has been attempted, so the stored state is in the kernel before the API serves.
+    pub fn start(
+        config: EngineConfig,
+        netfilter: Arc<dyn Netfilter>,
+        store: StateStore,
+    ) -> Result<(EngineHandle, std::thread::JoinHandle<()>), StateError> {
+        let state = match store.load()? {
+            Loaded::Fresh => {
+                info!(path = %store.path().display(), "no stored state: starting with MASQUERADE");
+                StoredState::default()
+            }
+            Loaded::State(state) => {
+                info!(egress = %state.addrs, generation = state.generation, "loaded stored state");
+                state
+            }
+            Loaded::Corrupt { reason, moved_to } => {
+                error!(
+                    %reason,
+                    moved_to = %moved_to.display(),
+                    "STORED STATE IS CORRUPT: moved it aside and starting with MASQUERADE; set the egress addresses again"
+                );
+                StoredState::default()
+            }
+        };
+        let (ready_tx, ready_rx) = watch::channel(false);
+        let mut engine = Engine {
+            config,
+            netfilter,
+            store,
+            state,
+            last_error: None,
+            last_apply: None,
+            ready: ready_tx,
+        };
+        engine.resync("start");
+        let (commands, inbox) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("egress-engine".into())
+            .spawn(move || engine.run(inbox))
+            .expect("spawn engine thread");
+        Ok((
+            EngineHandle {
+                commands,
+                ready: ready_rx,
+            },
+            thread,
+        ))
+    }
+
+    fn run(mut self, inbox: mpsc::Receiver<Command>) {
+        let mut next_resync = Instant::now() + self.config.resync_interval;
+        loop {
+            let wait = next_resync.saturating_duration_since(Instant::now());
+            match inbox.recv_timeout(wait) {
+                Ok(first) => {
+                    let mut batch = vec![first];
+                    batch.extend(inbox.try_iter());
+                    self.handle_batch(batch);
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    self.resync("drift check");
+                    next_resync = Instant::now() + self.config.resync_interval;
+                }
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+        }
+    }
+
+    fn managed_families(&self) -> Vec<Family> {
+        Family::ALL
+            .into_iter()
+            .filter(|f| self.config.mode.manages(*f))
+            .collect()
+    }
+
+    fn observe(
+        &self,
+        family: Family,
+    ) -> Result<(Option<Vec<ObservedRule>>, Vec<ObservedRule>), NetfilterError> {
+        let chain = self.netfilter.read_chain(family, KILO_NAT)?;
+        let postrouting = if self.config.mode.owns_jumps() {
+            self.netfilter
+                .read_chain(family, POSTROUTING)?
+                .unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        Ok((chain, postrouting))
+    }
+
+    fn observed_rules(chain: &Option<Vec<ObservedRule>>, postrouting: &[ObservedRule]) -> Observed {
+        Observed {
+            kilo_nat: chain
+                .as_ref()
+                .map(|rules| rules.iter().map(|r| r.rule.clone()).collect()),
+            postrouting: postrouting.iter().map(|r| r.rule.clone()).collect(),
+        }
+    }
+
+    /// Reads one family and, when it differs from what `addrs` wants, applies one transaction.
+    fn reconcile_family(
+        &self,
+        family: Family,
+        addrs: &EgressAddrs,
+    ) -> Result<FamilyApply, NetfilterError> {
+        let (chain, postrouting) = self.observe(family)?;
+        let observed = Self::observed_rules(&chain, &postrouting);
+        let desired = rules::desired(&self.config.mode, family, addrs.get(family), &observed);
+        let drift = rules::describe_drift(&self.config.mode, &observed, &desired);
+        let mut rules_touched = 0;
+        if let Some(transaction) = rules::plan_transaction(&self.config.mode, &observed, &desired) {
+            debug!(%family, %transaction, "applying transaction");
+            self.netfilter.restore(family, &transaction)?;
+            rules_touched = transaction.lines().filter(|l| l.starts_with('-')).count();
+        }
+        Ok(FamilyApply {
+            rules_touched,
+            drift,
+        })
+    }
+
+    /// Programs `addrs` for every managed family; returns the number of rule lines written.
+    fn apply(&self, addrs: &EgressAddrs) -> Result<Vec<(Family, FamilyApply)>, String> {
+        self.managed_families()
+            .into_iter()
+            .map(|family| {
+                self.reconcile_family(family, addrs)
+                    .map(|applied| (family, applied))
+                    .map_err(|e| format!("{family}: {e}"))
+            })
+            .collect()
+    }
+
+    fn note_success(&mut self) {
+        if let Some(previous) = self.last_error.take() {
+            info!(%previous, "rules are in place again");
+        }
+        self.last_apply = Some(SystemTime::now());
+        self.ready.send_replace(true);
+    }
+
+    fn note_failure(&mut self, message: String) {
+        if self.last_error.as_deref() != Some(message.as_str()) {
+            error!(error = %message, "applying the egress rules failed; retrying at the next resync");
+        }
+        self.last_error = Some(message);
+    }
+
+    /// Re-reads every managed family and repairs drift, logging what was wrong.
+    fn resync(&mut self, why: &str) {
+        let started = Instant::now();
+        let addrs = self.state.addrs;
+        match self.apply(&addrs) {
+            Ok(results) => {
+                for (family, applied) in results {
+                    if applied.rules_touched > 0 {
+                        warn!(
+                            %family,
+                            trigger = why,
+                            drift = %applied.drift.join("; "),
+                            rules_touched = applied.rules_touched,
+                            duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+                            "repaired rules"
+                        );
+                    }
+                }
+                self.note_success();
+            }
+            Err(message) => self.note_failure(message),
+        }
+    }
+
+    fn handle_batch(&mut self, batch: Vec<Command>) {
+        let mut sets = Vec::new();
+        let mut gets = Vec::new();
+        for command in batch {
+            match command {
+                Command::Set(request, reply) => sets.push((request, reply)),
+                Command::Get(reply) => gets.push(reply),
+            }
+        }
+        if !sets.is_empty() {
+            self.handle_sets(sets);
+        }
+        if !gets.is_empty() {
+            let report = self.status_report();
+            for reply in gets {
+                let _ = reply.send(report.clone());
+            }
+        }
+    }
+
+    fn handle_sets(
+        &mut self,
+        sets: Vec<(SetRequest, oneshot::Sender<Result<SetOutcome, EngineError>>)>,
+    ) {
+        let started = Instant::now();
+        let old = self.state;
+        let mut running = old;
+        let mut accepted = Vec::new();
+        let mut requesters = Vec::new();
+        for (request, reply) in sets {
+            if let Some(expected) = request.expected_generation
+                && expected != running.generation
+            {
+                let _ = reply.send(Err(EngineError::StaleGeneration {
+                    expected,
+                    current: running.generation,
+                }));
+                continue;
+            }
+            if request.dry_run {
+                let _ = reply.send(Ok(self.preview(&request, &running)));
+                continue;
+            }
+            if request.parsed.addrs != running.addrs {
+                running = StoredState {
+                    addrs: request.parsed.addrs,
+                    generation: running.generation + 1,
+                };
+            }
+            requesters.push(request.requester.clone());
+            accepted.push((request, running, reply));
+        }
+        if accepted.is_empty() {
+            return;
+        }
+        if running != old
+            && let Err(e) = self.store.save(&running)
+        {
+            error!(error = %e, "cannot save the state; the change is refused");
+            let message = e.to_string();
+            for (_, _, reply) in accepted {
+                let _ = reply.send(Err(EngineError::Apply(format!(
+                    "saving the state failed: {message}"
+                ))));
+            }
+            return;
+        }
+        match self.apply(&running.addrs) {
+            Ok(results) => {
+                self.state = running;
+                self.note_success();
+                let rules_touched: usize = results.iter().map(|(_, a)| a.rules_touched).sum();
+                if running != old {
+                    info!(
+                        requester = %requesters.join(", "),
+                        old = %old.addrs,
+                        new = %running.addrs,
+                        generation = running.generation,
+                        coalesced_requests = accepted.len(),
+                        rules_touched,
+                        duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+                        "egress changed"
+                    );
+                } else if rules_touched > 0 {
+                    warn!(requester = %requesters.join(", "), rules_touched, "egress unchanged, but rules had drifted and were repaired");
+                } else {
+                    debug!(requester = %requesters.join(", "), "egress unchanged");
+                }
+                let rules = self.family_reports(&running.addrs);
+                for (request, state, reply) in accepted {
+                    let mut warnings = request.parsed.warnings();
+                    if state.generation != running.generation {
+                        warnings.push(format!(
+                            "superseded by a request coalesced into the same transaction (generation {}, {})",
+                            running.generation, running.addrs
+                        ));
+                    }
+                    warnings.extend(waiting_notes(&rules));
+                    let _ = reply.send(Ok(SetOutcome {
+                        addrs: state.addrs,
+                        generation: state.generation,
+                        warnings,
+                        rules: rules.clone(),
+                        dry_run: false,
+                    }));
+                }
+            }
+            Err(message) => {
+                error!(error = %message, old = %old.addrs, new = %running.addrs, "applying the change failed; restoring the previous state");
+                if running != old
+                    && let Err(e) = self.store.save(&old)
+                {
+                    error!(error = %e, "cannot restore the previous state file");
+                }
+                self.state = old;
+                self.note_failure(message.clone());
+                self.resync("rollback");
+                for (_, _, reply) in accepted {
+                    let _ = reply.send(Err(EngineError::Apply(message.clone())));
+                }
+            }
+        }
+    }
+
+    /// The rules a request would program, computed from what the kernel holds now.
+    fn preview(&self, request: &SetRequest, running: &StoredState) -> SetOutcome {
+        let rules = Family::ALL
+            .into_iter()
+            .map(|family| {
+                if !self.config.mode.manages(family) {
+                    return self.unmanaged_report(family);
+                }
+                match self.observe(family) {
+                    Ok((chain, postrouting)) => {
+                        let observed = Self::observed_rules(&chain, &postrouting);
+                        let desired = rules::desired(
+                            &self.config.mode,
+                            family,
+                            request.parsed.addrs.get(family),
+                            &observed,
+                        );
+                        let in_sync = rules::describe_drift(&self.config.mode, &observed, &desired)
+                            .is_empty();
+                        let rules = desired_rules(&desired)
+                            .into_iter()
+                            .map(|rule| ReportedRule {
+                                owned: rule.is_owned(),
+                                observed: ObservedRule {
+                                    rule,
+                                    packets: 0,
+                                    bytes: 0,
+                                },
+                            })
+                            .collect();
+                        FamilyReport {
+                            family,
+                            rules,
+                            in_sync,
+                            status: desired.waiting.clone().unwrap_or_else(|| {
+                                if in_sync {
+                                    "dry run: nothing would change".to_string()
+                                } else {
+                                    "dry run: these rules would be programmed".to_string()
+                                }
+                            }),
+                        }
+                    }
+                    Err(e) => FamilyReport {
+                        family,
+                        rules: Vec::new(),
+                        in_sync: false,
+                        status: format!("cannot read the rules: {e}"),
+                    },
+                }
+            })
+            .collect();
+        let generation = if request.parsed.addrs == running.addrs {
+            running.generation
+        } else {
+            running.generation + 1
+        };
+        SetOutcome {
+            addrs: request.parsed.addrs,
+            generation,
+            warnings: request.parsed.warnings(),
+            rules,
+            dry_run: true,
+        }
+    }
+
+    fn unmanaged_report(&self, family: Family) -> FamilyReport {
+        FamilyReport {
+            family,
+            rules: Vec::new(),
+            in_sync: true,
+            status: format!("{family} not managed: no {family} --source-cidr"),
+        }
+    }
+
+    /// Reads every family back from the kernel and compares it with the desired state.
+    fn family_reports(&self, addrs: &EgressAddrs) -> Vec<FamilyReport> {
+        Family::ALL
+            .into_iter()
+            .map(|family| {
+                if !self.config.mode.manages(family) {
+                    return self.unmanaged_report(family);
+                }
+                match self.observe(family) {
+                    Ok((chain, postrouting)) => {
+                        let observed = Self::observed_rules(&chain, &postrouting);
+                        let desired =
+                            rules::desired(&self.config.mode, family, addrs.get(family), &observed);
+                        let drift = rules::describe_drift(&self.config.mode, &observed, &desired);
+                        let wants_snat = addrs.get(family).is_some();
+                        let in_sync =
+                            drift.is_empty() && (desired.waiting.is_none() || !wants_snat);
+                        let status = if !drift.is_empty() {
+                            format!("drift: {}", drift.join("; "))
+                        } else if let Some(waiting) = desired.waiting {
+                            waiting
+                        } else {
+                            match addrs.get(family) {
+                                Some(addr) => format!("SNAT to {addr}"),
+                                None => "MASQUERADE".to_string(),
+                            }
+                        };
+                        let mut rules: Vec<ReportedRule> = chain
+                            .unwrap_or_default()
+                            .into_iter()
+                            .chain(postrouting.into_iter().filter(|r| r.rule.is_owned()))
+                            .map(|observed| ReportedRule {
+                                owned: observed.rule.is_owned(),
+                                observed,
+                            })
+                            .collect();
+                        // Jumps first: they are what sends traffic into the chain.
+                        rules.sort_by_key(|r| r.observed.rule.chain != POSTROUTING);
+                        FamilyReport {
+                            family,
+                            rules,
+                            in_sync,
+                            status,
+                        }
+                    }
+                    Err(e) => FamilyReport {
+                        family,
+                        rules: Vec::new(),
+                        in_sync: false,
+                        status: format!("cannot read the rules: {e}"),
+                    },
+                }
+            })
+            .collect()
+    }
+
+    fn status_report(&self) -> StatusReport {
+        let families = self.family_reports(&self.state.addrs);
+        StatusReport {
+            addrs: self.state.addrs,
+            generation: self.state.generation,
+            mode: self.config.mode.name(),
+            in_sync: families.iter().all(|f| f.in_sync) && self.last_error.is_none(),
+            families,
+            last_error: self.last_error.clone(),
+            last_apply: self.last_apply,
+            backend: self.netfilter.backend_name(),
+        }
+    }
+}
+
+fn desired_rules(desired: &Desired) -> Vec<Rule> {
+    desired
+        .jumps
+        .iter()
+        .cloned()
+        .chain(desired.kilo_nat.clone().unwrap_or_default())
+        .collect()
+}
+
+fn waiting_notes(reports: &[FamilyReport]) -> Vec<String> {
+    reports
+        .iter()
+        .filter(|r| r.status.starts_with("waiting") || r.status.contains("not managed"))
+        .map(|r| r.status.clone())
+        .collect()
+}
+
+/// Removes every rule the service wrote, for both families (`kilo-egressd cleanup`).
+pub fn cleanup(mode: &ModeConfig, netfilter: &dyn Netfilter) -> Result<usize, NetfilterError> {
+    let mut removed = 0;
+    for family in Family::ALL {
+        let chain = netfilter.read_chain(family, KILO_NAT)?;
+        let postrouting = netfilter
+            .read_chain(family, POSTROUTING)?
+            .unwrap_or_default();
+        let observed = Engine::observed_rules(&chain, &postrouting);
+        for (i, transaction) in rules::plan_cleanup(mode, &observed).into_iter().enumerate() {
+            match netfilter.restore(family, &transaction) {
+                Ok(()) => {
+                    removed += transaction.lines().filter(|l| l.starts_with("-D")).count();
+                    info!(%family, transaction = %transaction.trim(), "removed");
+                }
+                // The second transaction only deletes the then-empty chain; it fails when
+                // something else still jumps to it, and that is fine.
+                Err(e) if i > 0 => warn!(%family, error = %e, "left chain {KILO_NAT} in place"),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::netfilter::FakeNetfilter;
+    use kilo_egress_api::egress::parse_egress_list;
+
+    fn own_mode() -> ModeConfig {
+        ModeConfig::Own {
+            source_cidrs: vec![
+                "10.44.0.0/24".parse().unwrap(),
+                "fd00:44::/64".parse().unwrap(),
+            ],
+            no_nat_cidrs: vec![],
+        }
+    }
+
+    fn start(fake: &Arc<FakeNetfilter>, dir: &std::path::Path) -> EngineHandle {
+        let config = EngineConfig {
+            mode: own_mode(),
+            resync_interval: Duration::from_secs(3600),
+        };
+        Engine::start(config, fake.clone(), StateStore::new(dir))
+            .unwrap()
+            .0
+    }
+
+    fn set(entries: &[&str]) -> SetRequest {
+        SetRequest {
+            parsed: parse_egress_list(entries).unwrap(),
+            dry_run: false,
+            expected_generation: None,
+            requester: "test".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn start_programs_masquerade_and_becomes_ready() {
+        let fake = Arc::new(FakeNetfilter::new());
+        let dir = tempfile::tempdir().unwrap();
+        let handle = start(&fake, dir.path());
+        assert!(*handle.ready().borrow());
+        let chain = fake.chain(Family::Ipv4, KILO_NAT).unwrap();
+        assert!(chain[0].ends_with("-j MASQUERADE"), "{chain:?}");
+        assert_eq!(fake.chain(Family::Ipv6, POSTROUTING).unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn set_programs_snat_and_persists() {
+        let fake = Arc::new(FakeNetfilter::new());
+        let dir = tempfile::tempdir().unwrap();
+        let handle = start(&fake, dir.path());
+        let outcome = handle
+            .set(set(&["2001:db8::20", "198.51.100.20"]))
+            .await
+            .unwrap();
+        assert_eq!(outcome.generation, 1);
+        assert!(
+            fake.chain(Family::Ipv4, KILO_NAT).unwrap()[0].ends_with("--to-source 198.51.100.20")
+        );
+        assert!(
+            fake.chain(Family::Ipv6, KILO_NAT).unwrap()[0].ends_with("--to-source 2001:db8::20")
+        );
+        assert!(
+            outcome.rules.iter().all(|r| r.in_sync),
+            "{:?}",
+            outcome.rules
+        );
+        // A restarted engine programs the stored state without any client.
+        let fresh = Arc::new(FakeNetfilter::new());
+        let again = start(&fresh, dir.path());
+        let status = again.status().await.unwrap();
+        assert_eq!(status.generation, 1);
+        assert!(fresh.chain(Family::Ipv4, KILO_NAT).unwrap()[0].contains("198.51.100.20"));
+    }
+
+    #[tokio::test]
+    async fn stale_generation_is_refused_and_changes_nothing() {
+        let fake = Arc::new(FakeNetfilter::new());
+        let dir = tempfile::tempdir().unwrap();
+        let handle = start(&fake, dir.path());
+        handle.set(set(&["198.51.100.20"])).await.unwrap();
+        let before = fake.chain(Family::Ipv4, KILO_NAT);
+        let mut stale = set(&["198.51.100.99"]);
+        stale.expected_generation = Some(0);
+        let err = handle.set(stale).await.unwrap_err();
+        assert!(matches!(
+            err,
+            EngineError::StaleGeneration {
+                expected: 0,
+                current: 1
+            }
+        ));
+        assert_eq!(fake.chain(Family::Ipv4, KILO_NAT), before);
+    }
+
+    #[tokio::test]
+    async fn dry_run_changes_nothing() {
+        let fake = Arc::new(FakeNetfilter::new());
+        let dir = tempfile::tempdir().unwrap();
+        let handle = start(&fake, dir.path());
+        let transactions = fake.transactions();
+        let mut dry = set(&["198.51.100.20"]);
+        dry.dry_run = true;
+        let outcome = handle.set(dry).await.unwrap();
+        assert!(outcome.dry_run);
+        let shown: Vec<String> = outcome.rules[0]
+            .rules
+            .iter()
+            .map(|r| r.observed.rule.spec())
+            .collect();
+        assert!(
+            shown
+                .iter()
+                .any(|s| s.contains("--to-source 198.51.100.20")),
+            "{shown:?}"
+        );
+        assert_eq!(fake.transactions(), transactions);
+        assert_eq!(handle.status().await.unwrap().generation, 0);
+    }
+
+    #[tokio::test]
+    async fn concurrent_sets_are_coalesced() {
+        let fake = Arc::new(FakeNetfilter::new());
+        let dir = tempfile::tempdir().unwrap();
+        let handle = start(&fake, dir.path());
+        let before = fake.transactions();
+        let calls: Vec<_> = (1..=50)
+            .map(|i| {
+                let handle = handle.clone();
+                tokio::spawn(async move { handle.set(set(&[&format!("198.51.100.{i}")])).await })
+            })
+            .collect();
+        for call in calls {
+            call.await.unwrap().unwrap();
+        }
+        let used = fake.transactions() - before;
+        assert!(used < 50, "50 calls cost {used} transactions");
+        assert_eq!(handle.status().await.unwrap().generation, 50);
+    }
+
+    #[tokio::test]
+    async fn drift_is_repaired_at_resync() {
+        let fake = Arc::new(FakeNetfilter::new());
+        let dir = tempfile::tempdir().unwrap();
+        let config = EngineConfig {
+            mode: own_mode(),
+            resync_interval: Duration::from_millis(20),
+        };
+        let handle = Engine::start(config, fake.clone(), StateStore::new(dir.path()))
+            .unwrap()
+            .0;
+        handle.set(set(&["198.51.100.20"])).await.unwrap();
+        let good = fake.chain(Family::Ipv4, KILO_NAT);
+        fake.tamper(Family::Ipv4, |t| {
+            t.get_mut(KILO_NAT).unwrap().clear();
+        });
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while fake.chain(Family::Ipv4, KILO_NAT) != good {
+            assert!(Instant::now() < deadline, "drift not repaired");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn failed_apply_rolls_back_state() {
+        let fake = Arc::new(FakeNetfilter::new());
+        let dir = tempfile::tempdir().unwrap();
+        let handle = start(&fake, dir.path());
+        handle.set(set(&["198.51.100.20"])).await.unwrap();
+        let saved = std::fs::read(dir.path().join("state.json")).unwrap();
+        // POSTROUTING vanishing makes every transaction that touches it fail.
+        fake.tamper(Family::Ipv4, |t| {
+            t.remove(POSTROUTING);
+        });
+        let err = handle.set(set(&["198.51.100.99"])).await.unwrap_err();
+        assert!(matches!(err, EngineError::Apply(_)), "{err}");
+        assert_eq!(std::fs::read(dir.path().join("state.json")).unwrap(), saved);
+        assert_eq!(handle.status().await.unwrap().generation, 1);
+    }
+}

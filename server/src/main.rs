@@ -1,0 +1,187 @@
+//! `kilo-egressd`: command line, logging and start-up order (load state → program it → serve).
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use ipnet::IpNet;
+use kilo_egress_api::DEFAULT_SOCKET;
+use kilo_egressd::engine::{self, Engine, EngineConfig};
+use kilo_egressd::listen::ListenAddr;
+use kilo_egressd::netfilter::{Backend, IptablesCli};
+use kilo_egressd::rules::ModeConfig;
+use kilo_egressd::server::{self, Limits};
+use kilo_egressd::state::StateStore;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tracing::info;
+
+/// Owns the egress decision of the nat chain KILO-NAT: SNAT pod traffic leaving the node to a
+/// chosen IPv4/IPv6 address, MASQUERADE when none is chosen.
+#[derive(Parser)]
+#[command(name = "kilo-egressd", version, subcommand_negates_reqs = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Remove every rule kilo-egressd wrote (and its stored state), then exit.
+    Cleanup(CommonArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ModeArg {
+    /// kilo-egressd writes the whole KILO-NAT chain and the POSTROUTING jumps into it.
+    Own,
+    /// Kilo's agent writes KILO-NAT; kilo-egressd keeps one SNAT rule before its MASQUERADE.
+    Kilo,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Args)]
+struct CommonArgs {
+    /// Who writes KILO-NAT: `own` (this service) or `kilo` (Kilo's agent, kg).
+    #[arg(long, env = "KILO_EGRESS_MODE", value_enum, required = true)]
+    mode: Option<ModeArg>,
+    /// Which iptables implementation the host uses.
+    #[arg(
+        long,
+        env = "KILO_EGRESS_IPTABLES_BACKEND",
+        value_enum,
+        default_value = "nft"
+    )]
+    iptables_backend: Backend,
+    /// Directory of the stored desired state (state.json).
+    #[arg(
+        long,
+        env = "KILO_EGRESS_STATE_DIR",
+        default_value = "/var/lib/kilo-egress"
+    )]
+    state_dir: PathBuf,
+    /// Log format on stderr; the level comes from RUST_LOG (default info).
+    #[arg(
+        long,
+        env = "KILO_EGRESS_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    log_format: LogFormat,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// Where the API listens: unix:///PATH or tcp://127.0.0.1:PORT (loopback only).
+    #[arg(long, env = "KILO_EGRESS_LISTEN", default_value_t = format!("unix://{DEFAULT_SOCKET}"))]
+    listen: String,
+    /// Own mode: pod CIDR whose traffic is NATed (repeatable or comma-separated; IPv4 and/or IPv6).
+    #[arg(long, env = "KILO_EGRESS_SOURCE_CIDRS", value_delimiter = ',')]
+    source_cidr: Vec<IpNet>,
+    /// Own mode: destination CIDR never NATed, e.g. the cluster's pod and service ranges (repeatable).
+    #[arg(long, env = "KILO_EGRESS_NO_NAT_CIDRS", value_delimiter = ',')]
+    no_nat_cidr: Vec<IpNet>,
+    /// How often the rules are re-read and repaired if they drifted.
+    #[arg(long, env = "KILO_EGRESS_RESYNC_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
+    resync_interval: Duration,
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+fn mode_config(args: &RunArgs) -> anyhow::Result<ModeConfig> {
+    match args.common.mode.expect("clap requires --mode") {
+        ModeArg::Kilo => {
+            if !args.source_cidr.is_empty() || !args.no_nat_cidr.is_empty() {
+                bail!(
+                    "--source-cidr and --no-nat-cidr apply to --mode own only; in kilo mode Kilo's agent decides what is NATed"
+                );
+            }
+            Ok(ModeConfig::Kilo)
+        }
+        ModeArg::Own => {
+            if args.source_cidr.is_empty() {
+                bail!(
+                    "--mode own needs at least one --source-cidr: the pod CIDR(s) whose traffic leaving the node is NATed, e.g. --source-cidr 10.4.0.0/16"
+                );
+            }
+            Ok(ModeConfig::Own {
+                source_cidrs: args.source_cidr.iter().map(IpNet::trunc).collect(),
+                no_nat_cidrs: args.no_nat_cidr.iter().map(IpNet::trunc).collect(),
+            })
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("install SIGINT handler");
+    let name = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
+    info!(signal = name, "stopping; the egress rules stay in place");
+}
+
+fn cleanup(args: &CommonArgs) -> anyhow::Result<()> {
+    let mode = match args.mode.expect("clap requires --mode") {
+        ModeArg::Kilo => ModeConfig::Kilo,
+        ModeArg::Own => ModeConfig::Own {
+            source_cidrs: Vec::new(),
+            no_nat_cidrs: Vec::new(),
+        },
+    };
+    let netfilter = IptablesCli::new(args.iptables_backend)?;
+    let removed = engine::cleanup(&mode, &netfilter).context("removing the rules")?;
+    StateStore::new(&args.state_dir).remove()?;
+    info!(rules_removed = removed, state_dir = %args.state_dir.display(), "cleanup done");
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    if let Some(Command::Cleanup(args)) = &cli.command {
+        init_logging(args.log_format);
+        return cleanup(args);
+    }
+    let args = cli.run;
+    init_logging(args.common.log_format);
+    let listen: ListenAddr = args.listen.parse()?;
+    let mode = mode_config(&args)?;
+    let netfilter = Arc::new(IptablesCli::new(args.common.iptables_backend)?);
+    info!(
+        mode = mode.name(),
+        backend = args.common.iptables_backend.name(),
+        resync_interval = ?args.resync_interval,
+        "starting kilo-egressd"
+    );
+    let config = EngineConfig {
+        mode,
+        resync_interval: args.resync_interval,
+    };
+    let (handle, _engine) = tokio::task::spawn_blocking(move || {
+        Engine::start(config, netfilter, StateStore::new(&args.common.state_dir))
+    })
+    .await??;
+    server::serve(&listen, handle, Limits::default(), shutdown_signal()).await?;
+    Ok(())
+}

@@ -1,0 +1,473 @@
+//! The boundary to the kernel's nat table: reading one chain and applying one
+//! `iptables-restore --noflush` transaction. [`IptablesCli`] runs the real tools (reads through the
+//! `iptables` crate, writes through `iptables-restore`); [`FakeNetfilter`] keeps a nat table in
+//! memory and re-parses every transaction with restore's all-or-nothing semantics, for tests.
+
+use kilo_egress_api::egress::Family;
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use crate::rules::{ObservedRule, parse_listing, tokenize};
+
+/// Which iptables implementation programs the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Backend {
+    /// `iptables-nft`: the nf_tables kernel API (the default on current distributions).
+    Nft,
+    /// `iptables-legacy`: the x_tables kernel API.
+    Legacy,
+}
+
+impl Backend {
+    /// The backend's name as flags and GetRules spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Nft => "nft",
+            Backend::Legacy => "legacy",
+        }
+    }
+
+    /// The listing command of a family, e.g. `iptables-nft`.
+    pub fn list_command(self, family: Family) -> &'static str {
+        match (self, family) {
+            (Backend::Nft, Family::Ipv4) => "iptables-nft",
+            (Backend::Nft, Family::Ipv6) => "ip6tables-nft",
+            (Backend::Legacy, Family::Ipv4) => "iptables-legacy",
+            (Backend::Legacy, Family::Ipv6) => "ip6tables-legacy",
+        }
+    }
+
+    /// The restore command of a family, e.g. `iptables-nft-restore`.
+    pub fn restore_command(self, family: Family) -> &'static str {
+        match (self, family) {
+            (Backend::Nft, Family::Ipv4) => "iptables-nft-restore",
+            (Backend::Nft, Family::Ipv6) => "ip6tables-nft-restore",
+            (Backend::Legacy, Family::Ipv4) => "iptables-legacy-restore",
+            (Backend::Legacy, Family::Ipv6) => "ip6tables-legacy-restore",
+        }
+    }
+}
+
+/// A failure to read or write the nat table.
+#[derive(Debug, thiserror::Error)]
+pub enum NetfilterError {
+    /// A tool could not be started at all.
+    #[error("cannot run {command}: {source}; is the iptables package installed and on PATH?")]
+    Spawn {
+        /// The command that failed to start.
+        command: String,
+        /// The operating system's reason.
+        source: std::io::Error,
+    },
+    /// Listing a chain failed for another reason than the chain being absent.
+    #[error("{command} -t nat -S {chain} failed: {stderr}")]
+    List {
+        /// The listing command.
+        command: String,
+        /// The chain.
+        chain: String,
+        /// What the tool printed.
+        stderr: String,
+    },
+    /// The kernel (or the restore tool) refused a transaction; nothing of it was applied.
+    #[error("{command} refused the transaction (nothing applied): {stderr}{context}")]
+    Restore {
+        /// The restore command.
+        command: String,
+        /// What the tool printed.
+        stderr: String,
+        /// The failing line of the input with a few lines around it, when the tool named one.
+        context: String,
+    },
+}
+
+/// Reads chains of, and applies transactions to, the nat table of one network namespace.
+pub trait Netfilter: Send + Sync {
+    /// Lists one nat chain with counters; `Ok(None)` when the chain does not exist.
+    fn read_chain(
+        &self,
+        family: Family,
+        chain: &str,
+    ) -> Result<Option<Vec<ObservedRule>>, NetfilterError>;
+    /// Applies one `iptables-restore --noflush` input atomically.
+    fn restore(&self, family: Family, input: &str) -> Result<(), NetfilterError>;
+    /// The backend name reported to users.
+    fn backend_name(&self) -> &'static str;
+}
+
+/// The real kernel, through the iptables tools of one backend.
+pub struct IptablesCli {
+    backend: Backend,
+    ipv4: iptables::IPTables,
+    ipv6: iptables::IPTables,
+}
+
+impl IptablesCli {
+    /// Uses the tools of `backend`; fails with a clear message when they are not installed.
+    pub fn new(backend: Backend) -> Result<IptablesCli, NetfilterError> {
+        let tool = |family| iptables::IPTables {
+            cmd: backend.list_command(family),
+            has_check: true,
+            has_wait: true,
+            is_numeric: true,
+        };
+        for family in Family::ALL {
+            for command in [
+                backend.list_command(family),
+                backend.restore_command(family),
+            ] {
+                probe(command)?;
+            }
+        }
+        Ok(IptablesCli {
+            backend,
+            ipv4: tool(Family::Ipv4),
+            ipv6: tool(Family::Ipv6),
+        })
+    }
+
+    fn tool(&self, family: Family) -> &iptables::IPTables {
+        match family {
+            Family::Ipv4 => &self.ipv4,
+            Family::Ipv6 => &self.ipv6,
+        }
+    }
+}
+
+fn probe(command: &str) -> Result<(), NetfilterError> {
+    Command::new(command)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|_| ())
+        .map_err(|source| NetfilterError::Spawn {
+            command: command.to_string(),
+            source,
+        })
+}
+
+impl Netfilter for IptablesCli {
+    fn read_chain(
+        &self,
+        family: Family,
+        chain: &str,
+    ) -> Result<Option<Vec<ObservedRule>>, NetfilterError> {
+        let tool = self.tool(family);
+        let output = tool
+            .execute("nat", &format!("-S {chain} -v"))
+            .map_err(|e| NetfilterError::List {
+                command: tool.cmd.to_string(),
+                chain: chain.to_string(),
+                stderr: e.to_string(),
+            })?;
+        if output.status.success() {
+            return Ok(Some(parse_listing(&String::from_utf8_lossy(
+                &output.stdout,
+            ))));
+        }
+        // Exit status 1 is iptables' "no such chain" (the message differs by backend); anything
+        // else, such as a parameter problem, is a real failure.
+        if output.status.code() == Some(1) {
+            return Ok(None);
+        }
+        Err(NetfilterError::List {
+            command: tool.cmd.to_string(),
+            chain: chain.to_string(),
+            stderr: String::from_utf8_lossy(&output.stderr).trim().to_string(),
+        })
+    }
+
+    fn restore(&self, family: Family, input: &str) -> Result<(), NetfilterError> {
+        let command = self.backend.restore_command(family);
+        let spawn_error = |source| NetfilterError::Spawn {
+            command: command.to_string(),
+            source,
+        };
+        let mut child = Command::new(command)
+            .args(["--noflush", "--wait", "10"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(spawn_error)?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin.write_all(input.as_bytes()).map_err(spawn_error)?;
+        }
+        let output = child.wait_with_output().map_err(spawn_error)?;
+        if output.status.success() {
+            return Ok(());
+        }
+        let stderr = String::from_utf8_lossy(&output.stderr).trim().to_string();
+        Err(NetfilterError::Restore {
+            command: command.to_string(),
+            context: failing_line_context(&stderr, input),
+            stderr,
+        })
+    }
+
+    fn backend_name(&self) -> &'static str {
+        self.backend.name()
+    }
+}
+
+/// Finds "line N" in a restore error and shows that input line with two lines around it.
+pub fn failing_line_context(stderr: &str, input: &str) -> String {
+    let words: Vec<&str> = stderr.split_whitespace().collect();
+    let line_no = words
+        .windows(2)
+        .find(|w| w[0].eq_ignore_ascii_case("line"))
+        .and_then(|w| {
+            w[1].trim_end_matches(|c: char| !c.is_ascii_digit())
+                .parse::<usize>()
+                .ok()
+        });
+    let Some(line_no) = line_no else {
+        return String::new();
+    };
+    let lines: Vec<&str> = input.lines().collect();
+    let first = line_no.saturating_sub(3);
+    let last = (line_no + 2).min(lines.len());
+    let mut context = String::from("\n  input around the failing line:");
+    for (i, line) in lines.iter().enumerate().take(last).skip(first) {
+        let marker = if i + 1 == line_no { ">" } else { " " };
+        context.push_str(&format!("\n  {marker} {:>3} | {line}", i + 1));
+    }
+    context
+}
+
+/// An in-memory nat table with `iptables-restore --noflush` semantics, for tests: chains
+/// declared with `:NAME` are created or flushed (built-ins are not flushed), `-A`, `-I`, `-D` and
+/// `-X` apply in order, and any error discards the whole transaction.
+#[derive(Default)]
+pub struct FakeNetfilter {
+    tables: Mutex<BTreeMap<Family, BTreeMap<String, Vec<String>>>>,
+    transactions: AtomicUsize,
+}
+
+const BUILTIN_NAT_CHAINS: [&str; 4] = ["PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"];
+
+impl FakeNetfilter {
+    /// An empty nat table with its built-in chains, for both families.
+    pub fn new() -> FakeNetfilter {
+        let fake = FakeNetfilter::default();
+        {
+            let mut tables = fake.tables.lock().unwrap();
+            for family in Family::ALL {
+                let table = tables.entry(family).or_default();
+                for chain in BUILTIN_NAT_CHAINS {
+                    table.insert(chain.to_string(), Vec::new());
+                }
+            }
+        }
+        fake
+    }
+
+    /// How many transactions were applied successfully.
+    pub fn transactions(&self) -> usize {
+        self.transactions.load(Ordering::SeqCst)
+    }
+
+    /// The chain's rules as `-A CHAIN ARGS` lines, or `None` when absent.
+    pub fn chain(&self, family: Family, chain: &str) -> Option<Vec<String>> {
+        let tables = self.tables.lock().unwrap();
+        tables[&family].get(chain).map(|rules| {
+            rules
+                .iter()
+                .map(|args| format!("-A {chain} {args}"))
+                .collect()
+        })
+    }
+
+    /// Changes the table behind the service's back (as another agent or an operator would).
+    pub fn tamper(&self, family: Family, edit: impl FnOnce(&mut BTreeMap<String, Vec<String>>)) {
+        let mut tables = self.tables.lock().unwrap();
+        edit(tables.get_mut(&family).unwrap());
+    }
+
+    fn apply(table: &mut BTreeMap<String, Vec<String>>, input: &str) -> Result<(), String> {
+        let mut in_nat = false;
+        let mut committed = false;
+        for (index, raw) in input.lines().enumerate() {
+            let line = raw.trim();
+            let fail = |why: &str| format!("line {}: {why}: {line}", index + 1);
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            if line == "*nat" {
+                in_nat = true;
+                continue;
+            }
+            if !in_nat {
+                return Err(fail("rule outside a table"));
+            }
+            if line == "COMMIT" {
+                committed = true;
+                in_nat = false;
+                continue;
+            }
+            if let Some(decl) = line.strip_prefix(':') {
+                let name = decl.split_whitespace().next().unwrap_or_default();
+                if BUILTIN_NAT_CHAINS.contains(&name) {
+                    table.entry(name.to_string()).or_default();
+                } else {
+                    table.insert(name.to_string(), Vec::new());
+                }
+                continue;
+            }
+            let tokens = tokenize(line);
+            let (Some(op), Some(chain)) = (tokens.first(), tokens.get(1)) else {
+                return Err(fail("incomplete line"));
+            };
+            let rest_after = |skip: usize| -> String {
+                // Keep the canonical quoting of the original text: drop the first `skip` words.
+                let mut text = line;
+                for _ in 0..skip {
+                    text = text.trim_start();
+                    text = text.split_once(' ').map_or("", |(_, r)| r);
+                }
+                text.trim().to_string()
+            };
+            if let Some(target) = jump_target(&tokens)
+                && !table.contains_key(&target)
+                && !is_builtin_target(&target)
+            {
+                return Err(fail("unknown target"));
+            }
+            match op.as_str() {
+                "-A" => {
+                    let rules = table.get_mut(chain).ok_or_else(|| fail("no such chain"))?;
+                    rules.push(rest_after(2));
+                }
+                "-I" => {
+                    let rules = table.get_mut(chain).ok_or_else(|| fail("no such chain"))?;
+                    let (position, args) = match tokens.get(2).and_then(|t| t.parse::<usize>().ok())
+                    {
+                        Some(n) => (n, rest_after(3)),
+                        None => (1, rest_after(2)),
+                    };
+                    if position == 0 || position > rules.len() + 1 {
+                        return Err(fail("index of insertion too big"));
+                    }
+                    rules.insert(position - 1, args);
+                }
+                "-D" => {
+                    let rules = table.get_mut(chain).ok_or_else(|| fail("no such chain"))?;
+                    let args = rest_after(2);
+                    let at = rules
+                        .iter()
+                        .position(|r| *r == args)
+                        .ok_or_else(|| fail("rule does not exist"))?;
+                    rules.remove(at);
+                }
+                "-X" => {
+                    let referenced = table
+                        .values()
+                        .flatten()
+                        .any(|r| jump_target(&tokenize(r)).as_deref() == Some(chain));
+                    if referenced {
+                        return Err(fail("chain is still referenced"));
+                    }
+                    table.remove(chain).ok_or_else(|| fail("no such chain"))?;
+                }
+                _ => return Err(fail("unsupported command")),
+            }
+        }
+        if in_nat || !committed {
+            return Err("missing COMMIT".to_string());
+        }
+        Ok(())
+    }
+}
+
+fn jump_target(tokens: &[String]) -> Option<String> {
+    tokens
+        .iter()
+        .position(|t| t == "-j")
+        .and_then(|i| tokens.get(i + 1).cloned())
+}
+
+fn is_builtin_target(target: &str) -> bool {
+    matches!(
+        target,
+        "SNAT" | "MASQUERADE" | "RETURN" | "ACCEPT" | "DROP" | "MARK" | "DNAT"
+    )
+}
+
+impl Netfilter for FakeNetfilter {
+    fn read_chain(
+        &self,
+        family: Family,
+        chain: &str,
+    ) -> Result<Option<Vec<ObservedRule>>, NetfilterError> {
+        Ok(self
+            .chain(family, chain)
+            .map(|lines| parse_listing(&lines.join("\n"))))
+    }
+
+    fn restore(&self, family: Family, input: &str) -> Result<(), NetfilterError> {
+        let mut tables = self.tables.lock().unwrap();
+        let mut scratch = tables[&family].clone();
+        FakeNetfilter::apply(&mut scratch, input).map_err(|stderr| NetfilterError::Restore {
+            command: "fake-restore".to_string(),
+            context: failing_line_context(&stderr, input),
+            stderr,
+        })?;
+        tables.insert(family, scratch);
+        self.transactions.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn backend_name(&self) -> &'static str {
+        "fake"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fake_applies_all_or_nothing() {
+        let fake = FakeNetfilter::new();
+        fake.restore(
+            Family::Ipv4,
+            "*nat\n:KILO-NAT - [0:0]\n-A KILO-NAT -j MASQUERADE\nCOMMIT\n",
+        )
+        .unwrap();
+        let err = fake
+            .restore(
+                Family::Ipv4,
+                "*nat\n-A KILO-NAT -j RETURN\n-D KILO-NAT -j NOPE-NOT-THERE\nCOMMIT\n",
+            )
+            .unwrap_err();
+        assert!(err.to_string().contains("line 3"), "{err}");
+        assert_eq!(
+            fake.chain(Family::Ipv4, "KILO-NAT").unwrap(),
+            vec!["-A KILO-NAT -j MASQUERADE"]
+        );
+        assert_eq!(fake.transactions(), 1);
+    }
+
+    #[test]
+    fn fake_declaring_builtin_does_not_flush_it() {
+        let fake = FakeNetfilter::new();
+        fake.tamper(Family::Ipv6, |t| {
+            t.get_mut("POSTROUTING").unwrap().push("-j ACCEPT".into())
+        });
+        fake.restore(Family::Ipv6, "*nat\n:POSTROUTING ACCEPT [0:0]\nCOMMIT\n")
+            .unwrap();
+        assert_eq!(fake.chain(Family::Ipv6, "POSTROUTING").unwrap().len(), 1);
+    }
+
+    #[test]
+    fn failing_line_context_marks_the_line() {
+        let input = "*nat\n-A X -j Y\n-A X -j Z\nCOMMIT\n";
+        let context = failing_line_context("iptables-restore: line 3 failed", input);
+        assert!(context.contains(">   3 | -A X -j Z"), "{context}");
+        assert_eq!(failing_line_context("no line here", input), "");
+    }
+}

@@ -1,0 +1,149 @@
+//! The gRPC service `kilo.egress.v1.EgressService`: converts each request once into a validated
+//! domain value (or an `INVALID_ARGUMENT` status naming the bad entry), hands it to the engine,
+//! and converts the engine's answer back into wire types.
+
+use kilo_egress_api::egress::{EgressAddrs, Family, parse_egress_list};
+use kilo_egress_api::pb::{self, egress_service_server::EgressService};
+use tonic::{Request, Response, Status};
+use tracing::info;
+
+use crate::engine::{EngineError, EngineHandle, FamilyReport, SetRequest, StatusReport};
+
+/// The gRPC front of the engine.
+pub struct EgressApi {
+    engine: EngineHandle,
+}
+
+impl EgressApi {
+    /// A service that forwards to `engine`.
+    pub fn new(engine: EngineHandle) -> EgressApi {
+        EgressApi { engine }
+    }
+}
+
+/// Describes who sent a request: unix peer credentials or TCP address, plus the user agent.
+pub fn requester<T>(request: &Request<T>) -> String {
+    let peer = if let Some(uds) = request
+        .extensions()
+        .get::<tonic::transport::server::UdsConnectInfo>()
+    {
+        match &uds.peer_cred {
+            Some(cred) => format!(
+                "unix uid={} gid={} pid={}",
+                cred.uid(),
+                cred.gid(),
+                cred.pid()
+                    .map_or_else(|| "?".to_string(), |p| p.to_string())
+            ),
+            None => "unix".to_string(),
+        }
+    } else if let Some(addr) = request.remote_addr() {
+        format!("tcp {addr}")
+    } else {
+        "unknown".to_string()
+    };
+    match request
+        .metadata()
+        .get("user-agent")
+        .and_then(|v| v.to_str().ok())
+    {
+        Some(agent) => format!("{peer} ({agent})"),
+        None => peer,
+    }
+}
+
+impl From<EngineError> for Status {
+    fn from(error: EngineError) -> Status {
+        match error {
+            EngineError::StaleGeneration { .. } => Status::failed_precondition(error.to_string()),
+            EngineError::Stopped => Status::unavailable(error.to_string()),
+            EngineError::Apply(_) | EngineError::State(_) => Status::internal(error.to_string()),
+        }
+    }
+}
+
+/// The wire form of an address pair.
+pub fn pair(addrs: &EgressAddrs) -> pb::EgressPair {
+    pb::EgressPair {
+        ipv4: addrs.ipv4.map(|a| a.to_string()).unwrap_or_default(),
+        ipv6: addrs.ipv6.map(|a| a.to_string()).unwrap_or_default(),
+    }
+}
+
+fn family_rules(report: &FamilyReport) -> pb::FamilyRules {
+    pb::FamilyRules {
+        family: match report.family {
+            Family::Ipv4 => pb::Family::Ipv4,
+            Family::Ipv6 => pb::Family::Ipv6,
+        } as i32,
+        rules: report
+            .rules
+            .iter()
+            .map(|r| pb::Rule {
+                chain: r.observed.rule.chain.clone(),
+                spec: r.observed.rule.spec(),
+                packets: r.observed.packets,
+                bytes: r.observed.bytes,
+                owned: r.owned,
+            })
+            .collect(),
+        in_sync: report.in_sync,
+        status: report.status.clone(),
+    }
+}
+
+/// The wire form of a status report.
+pub fn rules_response(report: &StatusReport) -> pb::GetRulesResponse {
+    pb::GetRulesResponse {
+        egress: Some(pair(&report.addrs)),
+        generation: report.generation,
+        mode: match report.mode {
+            "own" => pb::Mode::Own,
+            _ => pb::Mode::Kilo,
+        } as i32,
+        families: report.families.iter().map(family_rules).collect(),
+        in_sync: report.in_sync,
+        last_error: report.last_error.clone().unwrap_or_default(),
+        last_apply_time: report.last_apply.map(prost_types::Timestamp::from),
+        backend: report.backend.to_string(),
+    }
+}
+
+#[tonic::async_trait]
+impl EgressService for EgressApi {
+    async fn set_egress(
+        &self,
+        request: Request<pb::SetEgressRequest>,
+    ) -> Result<Response<pb::SetEgressResponse>, Status> {
+        let requester = requester(&request);
+        let body = request.into_inner();
+        let parsed = parse_egress_list(&body.egress_ips).map_err(|e| {
+            info!(%requester, error = %e, "rejected invalid SetEgress request");
+            Status::invalid_argument(e.to_string())
+        })?;
+        let outcome = self
+            .engine
+            .set(SetRequest {
+                parsed,
+                dry_run: body.dry_run,
+                expected_generation: body.expected_generation,
+                requester,
+            })
+            .await?;
+        Ok(Response::new(pb::SetEgressResponse {
+            egress: Some(pair(&outcome.addrs)),
+            generation: outcome.generation,
+            warnings: outcome.warnings,
+            rules: outcome.rules.iter().map(family_rules).collect(),
+            dry_run: outcome.dry_run,
+        }))
+    }
+
+    async fn get_rules(
+        &self,
+        _request: Request<pb::GetRulesRequest>,
+    ) -> Result<Response<pb::GetRulesResponse>, Status> {
+        let report = self.engine.status().await?;
+        Ok(Response::new(rules_response(&report)))
+    }
+}
