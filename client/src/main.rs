@@ -1,2 +1,230 @@
-//! placeholder
-fn main() {}
+//! `kilo-egress`: the command-line client of kilo-egressd. Exit status: 0 success, 2 invalid
+//! input (nothing changed), 1 any other failure.
+
+use clap::{Parser, Subcommand, ValueEnum};
+use kilo_egress::api::{self, Family, Mode};
+use kilo_egress::{ClientError, EgressClient, ServerAddr};
+use std::process::ExitCode;
+use std::time::Duration;
+
+/// Set, clear and inspect the egress address of pod traffic leaving this node.
+#[derive(Parser)]
+#[command(name = "kilo-egress", version)]
+struct Cli {
+    /// kilo-egressd's address: unix:///PATH or http://127.0.0.1:PORT.
+    #[arg(
+        long,
+        global = true,
+        env = "KILO_EGRESS_SERVER",
+        default_value_t = ServerAddr::default().to_string()
+    )]
+    server: String,
+    /// Give up on the server after this long.
+    #[arg(long, global = true, default_value = "10s", value_parser = humantime_secs)]
+    timeout: Duration,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Use these addresses as the source of pod traffic: one IPv4 and/or one IPv6, either order.
+    Set {
+        /// Plain addresses, e.g. 198.51.100.20 2001:db8::20.
+        #[arg(required = true, value_name = "ADDR")]
+        addrs: Vec<String>,
+        #[command(flatten)]
+        write: WriteArgs,
+    },
+    /// Forget the chosen addresses: MASQUERADE picks the source again.
+    Clear {
+        #[command(flatten)]
+        write: WriteArgs,
+    },
+    /// Show the chosen addresses and the rules in the kernel.
+    Get {
+        #[command(flatten)]
+        output: OutputArgs,
+    },
+    /// Exit 0 when kilo-egressd is serving (its rules are programmed), 1 otherwise.
+    Health,
+}
+
+#[derive(clap::Args)]
+struct WriteArgs {
+    /// Show the rules that would be programmed; change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Fail unless the current generation is this one (safe with several writers).
+    #[arg(long, value_name = "N")]
+    expected_generation: Option<u64>,
+    #[command(flatten)]
+    output: OutputArgs,
+}
+
+#[derive(clap::Args)]
+struct OutputArgs {
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value = "table")]
+    output: Output,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Output {
+    /// Readable text.
+    Table,
+    /// proto3 JSON, as grpcurl prints it.
+    Json,
+}
+
+fn humantime_secs(text: &str) -> Result<Duration, String> {
+    let (number, scale) = match text.strip_suffix("ms") {
+        Some(ms) => (ms, 0.001),
+        None => (text.strip_suffix('s').unwrap_or(text), 1.0),
+    };
+    number
+        .parse::<f64>()
+        .ok()
+        .filter(|n| *n > 0.0)
+        .map(|n| Duration::from_secs_f64(n * scale))
+        .ok_or_else(|| format!("{text:?} is not a duration such as 10s or 500ms"))
+}
+
+fn or_masquerade(addr: &str) -> &str {
+    if addr.is_empty() { "MASQUERADE" } else { addr }
+}
+
+fn family_name(family: i32) -> &'static str {
+    match Family::try_from(family) {
+        Ok(Family::Ipv4) => "IPv4",
+        Ok(Family::Ipv6) => "IPv6",
+        _ => "?",
+    }
+}
+
+fn print_families(families: &[api::FamilyRules]) {
+    for family in families {
+        let sync = if family.in_sync { "in sync" } else { "NOT in sync" };
+        println!("\n{}: {} ({sync})", family_name(family.family), family.status);
+        if family.rules.is_empty() {
+            continue;
+        }
+        println!("  {:<5} {:>10} {:>12}  RULE", "OWNED", "PACKETS", "BYTES");
+        for rule in &family.rules {
+            let owned = if rule.owned { "yes" } else { "-" };
+            println!("  {owned:<5} {:>10} {:>12}  {}", rule.packets, rule.bytes, rule.spec);
+        }
+    }
+}
+
+fn print_json<T: serde::Serialize>(value: &T) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).expect("API types serialize")
+    );
+}
+
+fn print_set(response: &api::SetEgressResponse, output: Output) {
+    if let Output::Json = output {
+        return print_json(response);
+    }
+    let pair = response.egress.clone().unwrap_or_default();
+    let verb = if response.dry_run { "would set" } else { "set" };
+    println!(
+        "{verb}: IPv4 {}, IPv6 {} (generation {})",
+        or_masquerade(&pair.ipv4),
+        or_masquerade(&pair.ipv6),
+        response.generation
+    );
+    for warning in &response.warnings {
+        println!("warning: {warning}");
+    }
+    print_families(&response.rules);
+}
+
+fn print_rules(response: &api::GetRulesResponse, output: Output) {
+    if let Output::Json = output {
+        return print_json(response);
+    }
+    let pair = response.egress.clone().unwrap_or_default();
+    let mode = match Mode::try_from(response.mode) {
+        Ok(Mode::Own) => "own",
+        Ok(Mode::Kilo) => "kilo",
+        _ => "?",
+    };
+    let applied = response
+        .last_apply_time
+        .as_ref()
+        .map_or_else(|| "never".to_string(), |t| format!("{} (unix time)", t.seconds));
+    println!("IPv4 egress:  {}", or_masquerade(&pair.ipv4));
+    println!("IPv6 egress:  {}", or_masquerade(&pair.ipv6));
+    println!("generation:   {}", response.generation);
+    println!("mode:         {mode} (iptables backend {})", response.backend);
+    println!("in sync:      {}", if response.in_sync { "yes" } else { "NO" });
+    println!("last apply:   {applied}");
+    if !response.last_error.is_empty() {
+        println!("last error:   {}", response.last_error);
+    }
+    print_families(&response.families);
+}
+
+/// Maps an error to its exit status and prints what to do next.
+fn report(error: &ClientError) -> ExitCode {
+    eprintln!("kilo-egress: {error}");
+    match error {
+        ClientError::Invalid(_) | ClientError::Address(_) => {
+            eprintln!("  nothing was changed; give one IPv4 and/or one IPv6 address, e.g. kilo-egress set 198.51.100.20 2001:db8::20");
+            ExitCode::from(2)
+        }
+        ClientError::Status(status) if status.code() == tonic::Code::InvalidArgument => {
+            eprintln!("  nothing was changed");
+            ExitCode::from(2)
+        }
+        ClientError::Status(status) if status.code() == tonic::Code::FailedPrecondition => {
+            eprintln!("  nothing was changed; run `kilo-egress get` for the current generation");
+            ExitCode::from(1)
+        }
+        _ => ExitCode::from(1),
+    }
+}
+
+async fn run(cli: Cli) -> Result<ExitCode, ClientError> {
+    let addr: ServerAddr = cli.server.parse()?;
+    // Check addresses before connecting, so a typo is reported even when the server is down.
+    if let Command::Set { addrs, .. } = &cli.command {
+        kilo_egress_api::egress::parse_egress_list(addrs)?;
+    }
+    let mut client = EgressClient::connect(&addr, cli.timeout).await?;
+    match cli.command {
+        Command::Set { addrs, write } => {
+            let response = client
+                .set_egress(addrs, write.dry_run, write.expected_generation)
+                .await?;
+            print_set(&response, write.output.output);
+        }
+        Command::Clear { write } => {
+            let response = client
+                .set_egress(Vec::new(), write.dry_run, write.expected_generation)
+                .await?;
+            print_set(&response, write.output.output);
+        }
+        Command::Get { output } => print_rules(&client.get_rules().await?, output.output),
+        Command::Health => {
+            let status = client.health().await?;
+            println!("{}", status.as_str_name());
+            if status != tonic_health::pb::health_check_response::ServingStatus::Serving {
+                return Ok(ExitCode::from(1));
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(code) => code,
+        Err(error) => report(&error),
+    }
+}

@@ -9,6 +9,7 @@ pub mod egress;
 #[allow(missing_docs, clippy::all)]
 pub mod pb {
     tonic::include_proto!("kilo.egress.v1");
+    include!(concat!(env!("OUT_DIR"), "/kilo.egress.v1.serde.rs"));
 }
 
 /// The encoded file descriptor set of the API (with its imports), for gRPC server reflection.

@@ -331,7 +331,15 @@ impl Engine {
         match self.apply(&addrs) {
             Ok(results) => {
                 for (family, applied) in results {
-                    if applied.rules_touched > 0 {
+                    if applied.rules_touched > 0 && why == "start" {
+                        info!(
+                            %family,
+                            was = %applied.drift.join("; "),
+                            rules_touched = applied.rules_touched,
+                            duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+                            "programmed the stored state"
+                        );
+                    } else if applied.rules_touched > 0 {
                         warn!(
                             %family,
                             trigger = why,

@@ -104,8 +104,18 @@ pub fn rules_response(report: &StatusReport) -> pb::GetRulesResponse {
         families: report.families.iter().map(family_rules).collect(),
         in_sync: report.in_sync,
         last_error: report.last_error.clone().unwrap_or_default(),
-        last_apply_time: report.last_apply.map(prost_types::Timestamp::from),
+        last_apply_time: report.last_apply.map(timestamp),
         backend: report.backend.to_string(),
+    }
+}
+
+fn timestamp(time: std::time::SystemTime) -> pbjson_types::Timestamp {
+    let since_epoch = time
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    pbjson_types::Timestamp {
+        seconds: since_epoch.as_secs() as i64,
+        nanos: since_epoch.subsec_nanos() as i32,
     }
 }
 

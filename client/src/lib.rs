@@ -1,0 +1,202 @@
+//! Typed client for `kilo.egress.v1.EgressService`: connects over a unix socket or plaintext
+//! loopback HTTP/2, and offers SetEgress, GetRules and the standard health check.
+#![forbid(unsafe_code)]
+
+use hyper_util::rt::TokioIo;
+use kilo_egress_api::egress::{InvalidEgress, parse_egress_list};
+use kilo_egress_api::pb::{self, egress_service_client::EgressServiceClient};
+use kilo_egress_api::{DEFAULT_SOCKET, SERVICE_NAME};
+use std::path::PathBuf;
+use std::time::Duration;
+use tonic::transport::{Channel, Endpoint, Uri};
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+pub use kilo_egress_api::pb as api;
+
+/// Where the server listens, as `--server` spells it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerAddr {
+    /// `unix:///absolute/path.sock`
+    Unix(PathBuf),
+    /// `http://HOST:PORT`
+    Http(String),
+}
+
+impl Default for ServerAddr {
+    fn default() -> ServerAddr {
+        ServerAddr::Unix(PathBuf::from(DEFAULT_SOCKET))
+    }
+}
+
+impl std::str::FromStr for ServerAddr {
+    type Err = ClientError;
+
+    fn from_str(text: &str) -> Result<ServerAddr, ClientError> {
+        if let Some(path) = text.strip_prefix("unix://") {
+            if path.starts_with('/') {
+                return Ok(ServerAddr::Unix(PathBuf::from(path)));
+            }
+        } else if text.starts_with("http://") && text.parse::<Uri>().is_ok() {
+            return Ok(ServerAddr::Http(text.to_string()));
+        } else if text.starts_with('/') {
+            return Ok(ServerAddr::Unix(PathBuf::from(text)));
+        }
+        Err(ClientError::Address(text.to_string()))
+    }
+}
+
+impl std::fmt::Display for ServerAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ServerAddr::Unix(path) => write!(f, "unix://{}", path.display()),
+            ServerAddr::Http(uri) => f.write_str(uri),
+        }
+    }
+}
+
+/// A client-side failure.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// `--server` is not a supported address.
+    #[error("invalid server address {0:?}: use unix:///run/kilo-egress/kilo-egressd.sock or http://127.0.0.1:PORT")]
+    Address(String),
+    /// The addresses to set are invalid; nothing was sent.
+    #[error(transparent)]
+    Invalid(#[from] InvalidEgress),
+    /// The server could not be reached.
+    #[error("cannot reach kilo-egressd at {addr}: {reason}\n  is kilo-egressd running, and is --server (or KILO_EGRESS_SERVER) right?")]
+    Connect {
+        /// The address tried.
+        addr: ServerAddr,
+        /// Why it failed.
+        reason: String,
+    },
+    /// The server answered with an error status.
+    #[error("{}: {}", .0.code(), .0.message())]
+    Status(#[from] tonic::Status),
+}
+
+/// A connected client.
+#[derive(Clone)]
+pub struct EgressClient {
+    egress: EgressServiceClient<Channel>,
+    health: HealthClient<Channel>,
+}
+
+fn connect_error(addr: &ServerAddr, error: impl std::error::Error) -> ClientError {
+    let mut reason = error.to_string();
+    let mut source = error.source();
+    while let Some(inner) = source {
+        reason = format!("{reason}: {inner}");
+        source = inner.source();
+    }
+    ClientError::Connect {
+        addr: addr.clone(),
+        reason,
+    }
+}
+
+impl EgressClient {
+    /// Connects to `addr`; fails fast with a message that says what to check.
+    pub async fn connect(addr: &ServerAddr, timeout: Duration) -> Result<EgressClient, ClientError> {
+        let user_agent = concat!("kilo-egress/", env!("CARGO_PKG_VERSION"));
+        let channel = match addr {
+            ServerAddr::Unix(path) => {
+                let path = path.clone();
+                // The URI is required by the API but unused: the connector opens the socket.
+                Endpoint::from_static("http://localhost")
+                    .user_agent(user_agent)
+                    .map_err(|e| connect_error(addr, e))?
+                    .connect_timeout(timeout)
+                    .timeout(timeout)
+                    .connect_with_connector(tower::service_fn(move |_: Uri| {
+                        let path = path.clone();
+                        async move {
+                            Ok::<_, std::io::Error>(TokioIo::new(
+                                tokio::net::UnixStream::connect(path).await?,
+                            ))
+                        }
+                    }))
+                    .await
+            }
+            ServerAddr::Http(uri) => {
+                Endpoint::from_shared(uri.clone())
+                    .map_err(|e| connect_error(addr, e))?
+                    .user_agent(user_agent)
+                    .map_err(|e| connect_error(addr, e))?
+                    .connect_timeout(timeout)
+                    .timeout(timeout)
+                    .connect()
+                    .await
+            }
+        }
+        .map_err(|e| connect_error(addr, e))?;
+        Ok(EgressClient {
+            egress: EgressServiceClient::new(channel.clone()),
+            health: HealthClient::new(channel),
+        })
+    }
+
+    /// Sets the egress addresses (empty clears). The addresses are checked locally first with
+    /// the same parser the server uses, so invalid input never reaches the server.
+    pub async fn set_egress(
+        &mut self,
+        egress_ips: Vec<String>,
+        dry_run: bool,
+        expected_generation: Option<u64>,
+    ) -> Result<pb::SetEgressResponse, ClientError> {
+        parse_egress_list(&egress_ips)?;
+        let request = pb::SetEgressRequest {
+            egress_ips,
+            dry_run,
+            expected_generation,
+        };
+        Ok(self.egress.set_egress(request).await?.into_inner())
+    }
+
+    /// Reads the chosen pair and the rules in the kernel.
+    pub async fn get_rules(&mut self) -> Result<pb::GetRulesResponse, ClientError> {
+        Ok(self
+            .egress
+            .get_rules(pb::GetRulesRequest {})
+            .await?
+            .into_inner())
+    }
+
+    /// The health of the egress service (SERVING once the rules are programmed).
+    pub async fn health(&mut self) -> Result<ServingStatus, ClientError> {
+        let response = self
+            .health
+            .check(HealthCheckRequest {
+                service: SERVICE_NAME.to_string(),
+            })
+            .await?
+            .into_inner();
+        Ok(response.status())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_server_addresses() {
+        assert_eq!(
+            "unix:///run/x.sock".parse::<ServerAddr>().unwrap(),
+            ServerAddr::Unix("/run/x.sock".into())
+        );
+        assert_eq!(
+            "/run/x.sock".parse::<ServerAddr>().unwrap(),
+            ServerAddr::Unix("/run/x.sock".into())
+        );
+        assert!(matches!(
+            "http://127.0.0.1:7443".parse::<ServerAddr>().unwrap(),
+            ServerAddr::Http(_)
+        ));
+        for bad in ["unix://relative", "tcp://1.2.3.4:1", "node-a:7443", ""] {
+            assert!(bad.parse::<ServerAddr>().is_err(), "{bad}");
+        }
+    }
+}
