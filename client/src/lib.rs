@@ -59,13 +59,17 @@ impl std::fmt::Display for ServerAddr {
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// `--server` is not a supported address.
-    #[error("invalid server address {0:?}: use unix:///run/kilo-egress/kilo-egressd.sock or http://127.0.0.1:PORT")]
+    #[error(
+        "invalid server address {0:?}: use unix:///run/kilo-egress/kilo-egressd.sock or http://127.0.0.1:PORT"
+    )]
     Address(String),
     /// The addresses to set are invalid; nothing was sent.
     #[error(transparent)]
     Invalid(#[from] InvalidEgress),
     /// The server could not be reached.
-    #[error("cannot reach kilo-egressd at {addr}: {reason}\n  is kilo-egressd running, and is --server (or KILO_EGRESS_SERVER) right?")]
+    #[error(
+        "cannot reach kilo-egressd at {addr}: {reason}\n  is kilo-egressd running, and is --server (or KILO_EGRESS_SERVER) right?"
+    )]
     Connect {
         /// The address tried.
         addr: ServerAddr,
@@ -99,7 +103,10 @@ fn connect_error(addr: &ServerAddr, error: impl std::error::Error) -> ClientErro
 
 impl EgressClient {
     /// Connects to `addr`; fails fast with a message that says what to check.
-    pub async fn connect(addr: &ServerAddr, timeout: Duration) -> Result<EgressClient, ClientError> {
+    pub async fn connect(
+        addr: &ServerAddr,
+        timeout: Duration,
+    ) -> Result<EgressClient, ClientError> {
         let user_agent = concat!("kilo-egress/", env!("CARGO_PKG_VERSION"));
         let channel = match addr {
             ServerAddr::Unix(path) => {
@@ -136,6 +143,11 @@ impl EgressClient {
             egress: EgressServiceClient::new(channel.clone()),
             health: HealthClient::new(channel),
         })
+    }
+
+    /// The generated gRPC client on the same connection, for calls that bypass local checks.
+    pub fn raw(&self) -> EgressServiceClient<Channel> {
+        self.egress.clone()
     }
 
     /// Sets the egress addresses (empty clears). The addresses are checked locally first with

@@ -104,15 +104,26 @@ fn family_name(family: i32) -> &'static str {
 
 fn print_families(families: &[api::FamilyRules]) {
     for family in families {
-        let sync = if family.in_sync { "in sync" } else { "NOT in sync" };
-        println!("\n{}: {} ({sync})", family_name(family.family), family.status);
+        let sync = if family.in_sync {
+            "in sync"
+        } else {
+            "NOT in sync"
+        };
+        println!(
+            "\n{}: {} ({sync})",
+            family_name(family.family),
+            family.status
+        );
         if family.rules.is_empty() {
             continue;
         }
         println!("  {:<5} {:>10} {:>12}  RULE", "OWNED", "PACKETS", "BYTES");
         for rule in &family.rules {
             let owned = if rule.owned { "yes" } else { "-" };
-            println!("  {owned:<5} {:>10} {:>12}  {}", rule.packets, rule.bytes, rule.spec);
+            println!(
+                "  {owned:<5} {:>10} {:>12}  {}",
+                rule.packets, rule.bytes, rule.spec
+            );
         }
     }
 }
@@ -152,15 +163,21 @@ fn print_rules(response: &api::GetRulesResponse, output: Output) {
         Ok(Mode::Kilo) => "kilo",
         _ => "?",
     };
-    let applied = response
-        .last_apply_time
-        .as_ref()
-        .map_or_else(|| "never".to_string(), |t| format!("{} (unix time)", t.seconds));
+    let applied = response.last_apply_time.as_ref().map_or_else(
+        || "never".to_string(),
+        |t| format!("{} (unix time)", t.seconds),
+    );
     println!("IPv4 egress:  {}", or_masquerade(&pair.ipv4));
     println!("IPv6 egress:  {}", or_masquerade(&pair.ipv6));
     println!("generation:   {}", response.generation);
-    println!("mode:         {mode} (iptables backend {})", response.backend);
-    println!("in sync:      {}", if response.in_sync { "yes" } else { "NO" });
+    println!(
+        "mode:         {mode} (iptables backend {})",
+        response.backend
+    );
+    println!(
+        "in sync:      {}",
+        if response.in_sync { "yes" } else { "NO" }
+    );
     println!("last apply:   {applied}");
     if !response.last_error.is_empty() {
         println!("last error:   {}", response.last_error);
@@ -173,7 +190,9 @@ fn report(error: &ClientError) -> ExitCode {
     eprintln!("kilo-egress: {error}");
     match error {
         ClientError::Invalid(_) | ClientError::Address(_) => {
-            eprintln!("  nothing was changed; give one IPv4 and/or one IPv6 address, e.g. kilo-egress set 198.51.100.20 2001:db8::20");
+            eprintln!(
+                "  nothing was changed; give one IPv4 and/or one IPv6 address, e.g. kilo-egress set 198.51.100.20 2001:db8::20"
+            );
             ExitCode::from(2)
         }
         ClientError::Status(status) if status.code() == tonic::Code::InvalidArgument => {

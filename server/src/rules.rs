@@ -674,4 +674,129 @@ mod tests {
         assert_eq!(txs[0].matches("-D ").count(), 1);
         assert!(!txs[0].contains("Kilo:"));
     }
+
+    /// Renders each scenario's transaction and compares it with `testdata/golden/NAME.txt`
+    /// (`UPDATE_GOLDEN=1 cargo test` rewrites the files after a deliberate change).
+    #[test]
+    fn rendered_transactions_match_golden_files() {
+        let v4: IpAddr = "198.51.100.20".parse().unwrap();
+        let v6: IpAddr = "2001:db8::20".parse().unwrap();
+        let kg6 = || -> Vec<Rule> {
+            [
+                r#"-A KILO-NAT -d fd00:4::/64 -m comment --comment "Kilo: do not NAT packets destined for WireGuared IPs" -j RETURN"#,
+                r#"-A KILO-NAT -m comment --comment "Kilo: NAT remaining packets" -j MASQUERADE"#,
+            ]
+            .iter()
+            .map(|s| rule(s))
+            .collect()
+        };
+        let with_stale = |mut chain: Vec<Rule>, stale: &str| {
+            chain.insert(0, snat_rule(stale.parse().unwrap()));
+            Observed {
+                kilo_nat: Some(chain),
+                postrouting: vec![],
+            }
+        };
+        let fresh = Observed::default();
+        let kg4 = Observed {
+            kilo_nat: Some(kg_chain()),
+            postrouting: vec![],
+        };
+        let kg6_obs = Observed {
+            kilo_nat: Some(kg6()),
+            postrouting: vec![],
+        };
+        let cases: Vec<(&str, ModeConfig, Family, Option<IpAddr>, Observed)> = vec![
+            (
+                "own_ipv4_fresh_masquerade",
+                own(),
+                Family::Ipv4,
+                None,
+                fresh.clone(),
+            ),
+            (
+                "own_ipv4_fresh_snat",
+                own(),
+                Family::Ipv4,
+                Some(v4),
+                fresh.clone(),
+            ),
+            (
+                "own_ipv6_fresh_masquerade",
+                own(),
+                Family::Ipv6,
+                None,
+                fresh.clone(),
+            ),
+            (
+                "own_ipv6_fresh_snat",
+                own(),
+                Family::Ipv6,
+                Some(v6),
+                fresh.clone(),
+            ),
+            (
+                "kilo_ipv4_insert_snat",
+                ModeConfig::Kilo,
+                Family::Ipv4,
+                Some(v4),
+                kg4.clone(),
+            ),
+            (
+                "kilo_ipv4_replace_stale",
+                ModeConfig::Kilo,
+                Family::Ipv4,
+                Some(v4),
+                with_stale(kg_chain(), "198.51.100.99"),
+            ),
+            (
+                "kilo_ipv4_clear",
+                ModeConfig::Kilo,
+                Family::Ipv4,
+                None,
+                with_stale(kg_chain(), "198.51.100.20"),
+            ),
+            (
+                "kilo_ipv6_insert_snat",
+                ModeConfig::Kilo,
+                Family::Ipv6,
+                Some(v6),
+                kg6_obs.clone(),
+            ),
+            (
+                "kilo_ipv6_replace_stale",
+                ModeConfig::Kilo,
+                Family::Ipv6,
+                Some(v6),
+                with_stale(kg6(), "2001:db8::99"),
+            ),
+        ];
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/golden");
+        let update = std::env::var_os("UPDATE_GOLDEN").is_some();
+        for (name, mode, family, addr, observed) in cases {
+            let want = desired(&mode, family, addr, &observed);
+            let rendered = format!(
+                "# desired chain\n{}\n# transaction\n{}",
+                want.jumps
+                    .iter()
+                    .chain(want.kilo_nat.iter().flatten())
+                    .map(Rule::spec)
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+                plan_transaction(&mode, &observed, &want).unwrap_or_default()
+            );
+            let path = dir.join(format!("{name}.txt"));
+            if update {
+                std::fs::create_dir_all(&dir).unwrap();
+                std::fs::write(&path, &rendered).unwrap();
+            }
+            let golden = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+                panic!(
+                    "{}: {e} (run with UPDATE_GOLDEN=1 to create)",
+                    path.display()
+                )
+            });
+            assert_eq!(rendered, golden, "{name} differs from {}", path.display());
+        }
+    }
 }
