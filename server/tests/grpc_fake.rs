@@ -61,10 +61,10 @@ async fn start_with(
     let addr = ServerAddr::Unix(socket.clone());
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
-        if socket.exists() {
-            if let Ok(client) = EgressClient::connect(&addr, Duration::from_secs(5)).await {
-                return (client, stop, dir);
-            }
+        if socket.exists()
+            && let Ok(client) = EgressClient::connect(&addr, Duration::from_secs(5)).await
+        {
+            return (client, stop, dir);
         }
         assert!(
             tokio::time::Instant::now() < deadline,
