@@ -656,7 +656,9 @@ pub fn cleanup(mode: &ModeConfig, netfilter: &dyn Netfilter) -> Result<usize, Ne
             match netfilter.restore(family, &transaction) {
                 Ok(()) => {
                     removed += transaction.lines().filter(|l| l.starts_with("-D")).count();
-                    info!(%family, transaction = %transaction.trim(), "removed");
+                    let lines: Vec<&str> =
+                        transaction.lines().filter(|l| l.starts_with('-')).collect();
+                    info!(%family, rules = %lines.join("; "), "removed");
                 }
                 // The second transaction only deletes the then-empty chain; it fails when
                 // something else still jumps to it, and that is fine.
