@@ -92,7 +92,10 @@ fn connect_error(addr: &ServerAddr, error: impl std::error::Error) -> ClientErro
     let mut reason = error.to_string();
     let mut source = error.source();
     while let Some(inner) = source {
-        reason = format!("{reason}: {inner}");
+        let text = inner.to_string();
+        if !reason.contains(&text) {
+            reason = format!("{reason}: {text}");
+        }
         source = inner.source();
     }
     ClientError::Connect {

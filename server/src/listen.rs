@@ -39,14 +39,14 @@ pub enum ListenError {
     )]
     InUse(PathBuf),
     /// Preparing the socket failed.
-    #[error("cannot {action} {path}: {source}")]
+    #[error("cannot {action} {path}: {error}")]
     Io {
         /// What was being done.
         action: &'static str,
         /// The path.
         path: PathBuf,
         /// The operating system's reason.
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 
@@ -84,10 +84,10 @@ impl std::fmt::Display for ListenAddr {
 
 fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> ListenError {
     let path = path.to_path_buf();
-    move |source| ListenError::Io {
+    move |error| ListenError::Io {
         action,
         path,
-        source,
+        error,
     }
 }
 

@@ -55,12 +55,12 @@ impl Backend {
 #[derive(Debug, thiserror::Error)]
 pub enum NetfilterError {
     /// A tool could not be started at all.
-    #[error("cannot run {command}: {source}; is the iptables package installed and on PATH?")]
+    #[error("cannot run {command}: {error}; is the iptables package installed and on PATH?")]
     Spawn {
         /// The command that failed to start.
         command: String,
         /// The operating system's reason.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// Listing a chain failed for another reason than the chain being absent.
     #[error("{command} -t nat -S {chain} failed: {stderr}")]
@@ -144,9 +144,9 @@ fn probe(command: &str) -> Result<(), NetfilterError> {
         .stderr(Stdio::null())
         .status()
         .map(|_| ())
-        .map_err(|source| NetfilterError::Spawn {
+        .map_err(|error| NetfilterError::Spawn {
             command: command.to_string(),
-            source,
+            error,
         })
 }
 
@@ -183,9 +183,9 @@ impl Netfilter for IptablesCli {
 
     fn restore(&self, family: Family, input: &str) -> Result<(), NetfilterError> {
         let command = self.backend.restore_command(family);
-        let spawn_error = |source| NetfilterError::Spawn {
+        let spawn_error = |error| NetfilterError::Spawn {
             command: command.to_string(),
-            source,
+            error,
         };
         let mut child = Command::new(command)
             .args(["--noflush", "--wait", "10"])

@@ -107,10 +107,10 @@ pub async fn serve(
         ListenAddr::Tcp(addr) => {
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
-                .map_err(|source| ListenError::Io {
+                .map_err(|error| ListenError::Io {
                     action: "bind",
                     path: addr.to_string().into(),
-                    source,
+                    error,
                 })?;
             info!(listen = %listen, "serving");
             router

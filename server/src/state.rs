@@ -36,14 +36,14 @@ struct StateFile {
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
     /// An I/O operation failed.
-    #[error("{action} {path}: {source}")]
+    #[error("{action} {path}: {error}")]
     Io {
         /// What was being done.
         action: &'static str,
         /// The file or directory.
         path: PathBuf,
         /// The operating system's reason.
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 
@@ -136,11 +136,11 @@ impl StateStore {
     }
 }
 
-fn io(action: &'static str, path: &Path, source: std::io::Error) -> StateError {
+fn io(action: &'static str, path: &Path, error: std::io::Error) -> StateError {
     StateError::Io {
         action,
         path: path.to_path_buf(),
-        source,
+        error,
     }
 }
 
