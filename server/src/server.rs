@@ -105,13 +105,14 @@ pub async fn serve(
             result?;
         }
         ListenAddr::Tcp(addr) => {
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(|error| ListenError::Io {
-                    action: "bind",
-                    path: addr.to_string().into(),
-                    error,
-                })?;
+            let listener =
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|error| ListenError::Io {
+                        action: "bind",
+                        path: addr.to_string().into(),
+                        error,
+                    })?;
             info!(listen = %listen, "serving");
             router
                 .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)

@@ -1,1 +1,161 @@
-//! placeholder until the test lab lands
+//! End-to-end test support for kilo-egress.
+//!
+//! The tests in `tests/tests/` run the real `kilo-egressd` and `kilo-egress` binaries (built by
+//! `cargo build --workspace`) against the real kernel, inside a [`Lab`]: three network namespaces
+//! pod → node → upstream created for one test and removed when it ends. Nothing touches the
+//! machine's root network namespace: every iptables command and every daemon runs inside the
+//! lab's node namespace.
+//!
+//! * [`Lab`] builds the namespaces and addresses, starts `egress-probe` listeners upstream and
+//!   tells which source address upstream sees for pod traffic ([`Lab::seen_source`]).
+//! * [`Iptables`] reads and changes the nat table of the node for one backend and family.
+//! * [`Daemon`] starts, stops and restarts `kilo-egressd` in the node namespace and drives it with
+//!   the `kilo-egress` CLI or `grpcurl`.
+//! * [`KgAgent`] writes KILO-NAT the way Kilo's agent (kg) does, for kilo mode.
+//!
+//! Tests need root; [`require_root`] skips them loudly (or fails them when `CI=true`).
+
+#![forbid(unsafe_code)]
+
+pub mod cmd;
+pub mod daemon;
+pub mod kg;
+pub mod lab;
+
+pub use cmd::Captured;
+pub use daemon::{Daemon, DaemonConfig, Mode, RulesView};
+pub use kg::KgAgent;
+pub use lab::{Backend, Family, Iptables, Lab};
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// How long a daemon may take to report SERVING after it was started.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long the daemon may take to repair drifted rules or follow a rebuilt chain (it resyncs
+/// every second; the margin absorbs a loaded 2-core machine).
+pub const REPAIR_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The pause between two attempts of [`poll_until`].
+pub const POLL_INTERVAL: Duration = Duration::from_millis(25);
+
+/// True when the environment says this is a CI run (`CI=true`).
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true")
+}
+
+fn skip_or_fail(test: &str, reason: &str) -> bool {
+    if in_ci() {
+        panic!("{test}: {reason}, and CI=true: this test must run in CI");
+    }
+    // Straight to stderr, past the test harness's capture, so the skip is seen.
+    let bar = "!".repeat(72);
+    let _ = writeln!(
+        std::io::stderr().lock(),
+        "\n{bar}\n!!! SKIPPED ({reason}): {test}\n{bar}"
+    );
+    false
+}
+
+fn is_root() -> bool {
+    // `id -u` instead of libc::geteuid: the workspace forbids unsafe code.
+    std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).trim() == "0")
+}
+
+/// Returns true when the test may go on because it runs as root. Otherwise it panics when
+/// `CI=true`, or prints a loud `SKIPPED (needs root): <test>` to stderr and returns false.
+pub fn require_root(test: &str) -> bool {
+    is_root() || skip_or_fail(test, "needs root")
+}
+
+/// Returns true when `grpcurl` is on PATH. Otherwise it panics when `CI=true`, or prints a loud
+/// `SKIPPED (needs grpcurl): <test>` to stderr and returns false.
+pub fn require_grpcurl(test: &str) -> bool {
+    let found = std::process::Command::new("grpcurl")
+        .arg("-version")
+        .output()
+        .is_ok_and(|out| out.status.success());
+    found || skip_or_fail(test, "needs grpcurl")
+}
+
+/// Calls `cond` until it returns true or `timeout` has passed, pausing [`POLL_INTERVAL`] between
+/// attempts. Returns whether `cond` became true. `cond` is always called at least once, and once
+/// more after the deadline passed, so a slow machine does not lose the last attempt.
+pub fn poll_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(POLL_INTERVAL);
+    }
+}
+
+/// The directory that holds the workspace's binaries (`target/debug`), found from the running
+/// test executable (`target/debug/deps/<test>`).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("path of the running test executable");
+    let mut dir = exe
+        .parent()
+        .expect("test executable has a parent")
+        .to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir
+}
+
+/// The absolute path of a workspace binary such as `kilo-egressd`, `kilo-egress` or
+/// `egress-probe`. Panics with a clear message when it has not been built.
+pub fn bin_path(name: &str) -> PathBuf {
+    let path = bin_dir().join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: build the workspace first (`cargo build --workspace`), then run the tests",
+        path.display()
+    );
+    path
+}
+
+/// Generates one `#[test]` per backend and family for a test case
+/// `fn case(family: Family, backend: Backend)`: `for_each_variant!(case: nft, legacy);` defines
+/// `case::nft::ipv4`, `case::nft::ipv6`, `case::legacy::ipv4` and `case::legacy::ipv6`. Each test
+/// first calls [`require_root`].
+#[macro_export]
+macro_rules! for_each_variant {
+    ($case:ident: $($backend:ident),+ $(,)?) => {
+        mod $case {
+            $(
+                mod $backend {
+                    #[test]
+                    fn ipv4() {
+                        if $crate::require_root(concat!(module_path!(), "::ipv4")) {
+                            super::super::$case(
+                                $crate::Family::V4,
+                                $crate::Backend::from_name(stringify!($backend)),
+                            );
+                        }
+                    }
+
+                    #[test]
+                    fn ipv6() {
+                        if $crate::require_root(concat!(module_path!(), "::ipv6")) {
+                            super::super::$case(
+                                $crate::Family::V6,
+                                $crate::Backend::from_name(stringify!($backend)),
+                            );
+                        }
+                    }
+                }
+            )+
+        }
+    };
+}

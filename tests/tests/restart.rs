@@ -1,0 +1,137 @@
+//! Restarts: on SIGTERM the rules stay and traffic keeps the chosen address; started again with
+//! the same state directory and no client call, kilo-egressd keeps the rules and reports the
+//! same choice; after the rules were wiped (a reboot), it programs the stored choice before its
+//! API serves.
+
+use kilo_egress_tests::{Backend, DaemonConfig, Family, Lab, for_each_variant};
+
+fn rules_stay_on_sigterm_and_restart_keeps_choice_without_client(family: Family, backend: Backend) {
+    let lab = Lab::new().unwrap();
+    let ipt = lab.iptables(backend, family);
+    let mut d = lab.start_daemon(DaemonConfig::own(backend)).unwrap();
+    d.must(d.cli_ok(&["set", family.preferred()]));
+    let before = d.must(ipt.nat_dump());
+    let view_before = d.must(d.get_rules());
+
+    let stopped = d.stop();
+    let status = d.must(stopped);
+    assert!(
+        status.success(),
+        "SIGTERM is a clean stop: {status}{}",
+        d.context()
+    );
+    assert_eq!(
+        d.must(ipt.nat_dump()),
+        before,
+        "rules stay after SIGTERM{}",
+        d.context()
+    );
+    assert_eq!(
+        d.must(lab.seen_source(family)),
+        family.preferred(),
+        "traffic keeps the chosen address while the daemon is down{}",
+        d.context()
+    );
+
+    let started = d.start_again();
+    d.must(started);
+    assert_eq!(
+        d.must(ipt.nat_dump()),
+        before,
+        "restart keeps the rules{}",
+        d.context()
+    );
+    let view = d.must(d.get_rules());
+    for f in Family::ALL {
+        assert_eq!(view.egress(f), view_before.egress(f), "{:#}", view.raw);
+    }
+    assert_eq!(
+        view.generation(),
+        view_before.generation(),
+        "{:#}",
+        view.raw
+    );
+    assert_eq!(
+        d.must(lab.seen_source(family)),
+        family.preferred(),
+        "{}",
+        d.context()
+    );
+}
+for_each_variant!(rules_stay_on_sigterm_and_restart_keeps_choice_without_client: nft, legacy);
+
+fn stored_choice_is_programmed_before_api_serves(family: Family, backend: Backend) {
+    let lab = Lab::new().unwrap();
+    let ipt = lab.iptables(backend, family);
+    let mut d = lab.start_daemon(DaemonConfig::own(backend)).unwrap();
+    d.must(d.cli_ok(&["set", family.preferred()]));
+    let before = d.must(ipt.nat_dump());
+    let stopped = d.stop();
+    d.must(stopped);
+
+    // A reboot: the nat table is empty again.
+    for f in Family::ALL {
+        let ipt = lab.iptables(backend, f);
+        d.must(ipt.run(&["-t", "nat", "-F"]));
+        d.must(ipt.run(&["-t", "nat", "-X"]));
+    }
+    assert!(
+        lab.seen_source_within(family, 500).is_err(),
+        "without rules pod traffic does not reach upstream"
+    );
+
+    // start_again returns as soon as `kilo-egress health` reports SERVING: no polling here.
+    let started = d.start_again();
+    d.must(started);
+    assert_eq!(
+        d.must(ipt.nat_dump()),
+        before,
+        "the stored choice is in the kernel when the API serves{}",
+        d.context()
+    );
+    let view = d.must(d.get_rules());
+    assert_eq!(view.egress(family), family.preferred(), "{:#}", view.raw);
+    assert_eq!(
+        d.must(lab.seen_source(family)),
+        family.preferred(),
+        "{}",
+        d.context()
+    );
+}
+for_each_variant!(stored_choice_is_programmed_before_api_serves: nft, legacy);
+
+fn kilo_mode_restart_puts_snat_back_before_api_serves(family: Family, backend: Backend) {
+    let lab = Lab::new().unwrap();
+    let kg = lab.kg(backend, family);
+    let ipt = lab.iptables(backend, family);
+    kg.sync().unwrap();
+    let mut d = lab.start_daemon(DaemonConfig::kilo(backend)).unwrap();
+    d.must(d.cli_ok(&["set", family.preferred()]));
+    let with_snat = d.must(ipt.nat_dump());
+    let stopped = d.stop();
+    d.must(stopped);
+
+    // kg restarts while kilo-egressd is down: the SNAT rule is flushed away.
+    kg.sync().unwrap();
+    assert_ne!(
+        d.must(ipt.nat_dump()),
+        with_snat,
+        "kg flushed the SNAT rule"
+    );
+
+    let started = d.start_again();
+    d.must(started);
+    assert_eq!(
+        d.must(ipt.nat_dump()),
+        with_snat,
+        "the stored choice is in the kernel when the API serves{}",
+        d.context()
+    );
+    assert_eq!(
+        d.must(lab.seen_source(family)),
+        family.preferred(),
+        "{}",
+        d.context()
+    );
+}
+for_each_variant!(kilo_mode_restart_puts_snat_back_before_api_serves: nft);
