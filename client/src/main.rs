@@ -163,10 +163,13 @@ fn print_rules(response: &api::GetRulesResponse, output: Output) {
         Ok(Mode::Kilo) => "kilo",
         _ => "?",
     };
-    let applied = response.last_apply_time.as_ref().map_or_else(
-        || "never".to_string(),
-        |t| format!("{} (unix time)", t.seconds),
-    );
+    // proto3 JSON renders a Timestamp as RFC 3339 (UTC), the form operators read in logs.
+    let applied = response
+        .last_apply_time
+        .as_ref()
+        .and_then(|t| serde_json::to_value(t).ok())
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_else(|| "never".to_string());
     println!("IPv4 egress:  {}", or_masquerade(&pair.ipv4));
     println!("IPv6 egress:  {}", or_masquerade(&pair.ipv6));
     println!("generation:   {}", response.generation);
