@@ -32,15 +32,20 @@ fn own_mode() -> ModeConfig {
     }
 }
 
-/// Starts engine and server on a socket in a fresh temp dir; returns the client, the stop
-/// switch and the dir (which must outlive the test).
-async fn start_with(
-    netfilter: Arc<dyn Netfilter>,
-) -> (
+/// A started server: its client, its stop switch, and the temp dir that must outlive the test.
+type Started = (
     EgressClient,
     tokio::sync::oneshot::Sender<()>,
     tempfile::TempDir,
-) {
+);
+
+/// Starts engine and server on a unix socket in a fresh temp dir.
+async fn start_with(netfilter: Arc<dyn Netfilter>) -> Started {
+    start_listening(netfilter, false).await
+}
+
+/// Like [`start_with`], on plaintext loopback TCP when `tcp` is set.
+async fn start_listening(netfilter: Arc<dyn Netfilter>, tcp: bool) -> Started {
     let dir = tempfile::tempdir().unwrap();
     let config = EngineConfig {
         mode: own_mode(),
@@ -49,7 +54,27 @@ async fn start_with(
     let (engine, _thread) =
         Engine::start(config, netfilter, StateStore::new(dir.path().join("state"))).unwrap();
     let socket = dir.path().join("api.sock");
-    let listen = ListenAddr::Unix(socket.clone());
+    let (listen, addr) = if tcp {
+        // A free port: bound, read and released; the server binds it again right away.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        (
+            format!("tcp://127.0.0.1:{port}")
+                .parse::<ListenAddr>()
+                .unwrap(),
+            format!("http://127.0.0.1:{port}")
+                .parse::<ServerAddr>()
+                .unwrap(),
+        )
+    } else {
+        (
+            ListenAddr::Unix(socket.clone()),
+            ServerAddr::Unix(socket.clone()),
+        )
+    };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(async move {
         serve(&listen, engine, Limits::default(), async {
@@ -58,10 +83,9 @@ async fn start_with(
         .await
         .unwrap();
     });
-    let addr = ServerAddr::Unix(socket.clone());
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
-        if socket.exists()
+        if (tcp || socket.exists())
             && let Ok(client) = EgressClient::connect(&addr, Duration::from_secs(5)).await
         {
             return (client, stop, dir);
@@ -336,4 +360,20 @@ async fn health_is_not_serving_until_the_rules_are_programmed() {
         healthy.client.health().await.unwrap(),
         ServingStatus::Serving
     );
+}
+
+#[tokio::test]
+async fn serves_plaintext_grpc_on_loopback_tcp() {
+    let fake = Arc::new(FakeNetfilter::new());
+    let (mut client, _stop, _dir) = start_listening(fake.clone(), true).await;
+    client
+        .set_egress(vec!["198.51.100.20".into()], false, None)
+        .await
+        .unwrap();
+    let v4 = kilo_nat(&fake).0.unwrap();
+    assert!(
+        v4.last().unwrap().ends_with("--to-source 198.51.100.20"),
+        "{v4:?}"
+    );
+    assert_eq!(client.health().await.unwrap(), ServingStatus::Serving);
 }

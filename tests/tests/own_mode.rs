@@ -177,3 +177,24 @@ fn set_with_two_addresses_of_one_family_uses_the_first() {
     assert_eq!(view.egress(Family::V4), "198.51.100.20", "{:#}", view.raw);
     assert_eq!(view.egress(Family::V6), "2001:db8:2::20", "{:#}", view.raw);
 }
+
+fn cleanup_removes_everything_it_wrote(family: Family, backend: Backend) {
+    let lab = Lab::new().unwrap();
+    let ipt = lab.iptables(backend, family);
+    let pristine = ipt.nat_dump().unwrap();
+    let mut d = lab.start_daemon(DaemonConfig::own(backend)).unwrap();
+    d.must(d.cli_ok(&["set", family.preferred()]));
+    assert_ne!(d.must(ipt.nat_dump()), pristine, "rules were programmed");
+    let stopped = d.stop();
+    d.must(stopped);
+    let out = d.must(d.cleanup());
+    assert!(out.success(), "cleanup: {out}");
+    assert_eq!(
+        d.must(ipt.nat_dump()),
+        pristine,
+        "cleanup leaves the nat table as it was before kilo-egressd{}",
+        d.context()
+    );
+    assert!(d.state_file().is_none(), "cleanup removes the stored state");
+}
+for_each_variant!(cleanup_removes_everything_it_wrote: nft, legacy);

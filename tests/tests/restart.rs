@@ -135,3 +135,45 @@ fn kilo_mode_restart_puts_snat_back_before_api_serves(family: Family, backend: B
     );
 }
 for_each_variant!(kilo_mode_restart_puts_snat_back_before_api_serves: nft);
+
+fn corrupt_state_file_is_moved_aside_and_masquerade_is_used(family: Family, backend: Backend) {
+    let lab = Lab::new().unwrap();
+    let mut d = lab.start_daemon(DaemonConfig::own(backend)).unwrap();
+    d.must(d.cli_ok(&["set", family.preferred()]));
+    let stopped = d.stop();
+    d.must(stopped);
+    let state = d.state_dir().join("state.json");
+    std::fs::write(&state, b"{\"version\":1,\"generation\":").unwrap();
+
+    let started = d.start_again();
+    d.must(started);
+    assert!(
+        d.log().contains("STORED STATE IS CORRUPT"),
+        "the corrupt file is reported loudly{}",
+        d.context()
+    );
+    let moved: Vec<_> = std::fs::read_dir(d.state_dir())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("state.json.corrupt-")
+        })
+        .collect();
+    assert_eq!(
+        moved.len(),
+        1,
+        "the corrupt file is kept aside for inspection"
+    );
+    assert_eq!(
+        d.must(lab.seen_source(family)),
+        family.primary(),
+        "MASQUERADE until the pair is set again{}",
+        d.context()
+    );
+    let view = d.must(d.get_rules());
+    assert_eq!(view.egress(family), "", "{:#}", view.raw);
+    assert_eq!(view.generation(), 0, "{:#}", view.raw);
+}
+for_each_variant!(corrupt_state_file_is_moved_aside_and_masquerade_is_used: nft, legacy);
