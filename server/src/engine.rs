@@ -4,6 +4,7 @@
 //! and repairs drift.
 
 use kilo_egress_api::egress::{EgressAddrs, Family, ParsedEgress};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::{Duration, Instant, SystemTime};
@@ -251,10 +252,8 @@ impl Engine {
             .collect()
     }
 
-    fn observe(
-        &self,
-        family: Family,
-    ) -> Result<(Option<Vec<ObservedRule>>, Vec<ObservedRule>), NetfilterError> {
+    /// Reads one family from the kernel and decides what `addr` wants there.
+    fn read_back(&self, family: Family, addr: Option<IpAddr>) -> Result<ReadBack, NetfilterError> {
         let chain = self.netfilter.read_chain(family, KILO_NAT)?;
         let postrouting = if self.config.mode.owns_jumps() {
             self.netfilter
@@ -263,16 +262,16 @@ impl Engine {
         } else {
             Vec::new()
         };
-        Ok((chain, postrouting))
-    }
-
-    fn observed_rules(chain: &Option<Vec<ObservedRule>>, postrouting: &[ObservedRule]) -> Observed {
-        Observed {
-            kilo_nat: chain
-                .as_ref()
-                .map(|rules| rules.iter().map(|r| r.rule.clone()).collect()),
-            postrouting: postrouting.iter().map(|r| r.rule.clone()).collect(),
-        }
+        let observed = observed_rules(&chain, &postrouting);
+        let desired = rules::desired(&self.config.mode, family, addr, &observed);
+        let drift = rules::describe_drift(&self.config.mode, &observed, &desired);
+        Ok(ReadBack {
+            chain,
+            postrouting,
+            observed,
+            desired,
+            drift,
+        })
     }
 
     /// Reads one family and, when it differs from what `addrs` wants, applies one transaction.
@@ -281,10 +280,12 @@ impl Engine {
         family: Family,
         addrs: &EgressAddrs,
     ) -> Result<FamilyApply, NetfilterError> {
-        let (chain, postrouting) = self.observe(family)?;
-        let observed = Self::observed_rules(&chain, &postrouting);
-        let desired = rules::desired(&self.config.mode, family, addrs.get(family), &observed);
-        let drift = rules::describe_drift(&self.config.mode, &observed, &desired);
+        let ReadBack {
+            observed,
+            desired,
+            drift,
+            ..
+        } = self.read_back(family, addrs.get(family))?;
         let mut rules_touched = 0;
         if let Some(transaction) = rules::plan_transaction(&self.config.mode, &observed, &desired) {
             debug!(%family, %transaction, "applying transaction");
@@ -480,49 +481,26 @@ impl Engine {
         }
     }
 
-    /// The rules a request would program, computed from what the kernel holds now.
-    fn preview(&self, request: &SetRequest, running: &StoredState) -> SetOutcome {
-        let rules = Family::ALL
+    /// Builds one report per family from what the kernel holds and what `addrs` wants there.
+    fn report_families(
+        &self,
+        addrs: &EgressAddrs,
+        report: impl Fn(Family, Option<IpAddr>, ReadBack) -> FamilyReport,
+    ) -> Vec<FamilyReport> {
+        Family::ALL
             .into_iter()
             .map(|family| {
+                let addr = addrs.get(family);
                 if !self.config.mode.manages(family) {
-                    return self.unmanaged_report(family);
+                    return FamilyReport {
+                        family,
+                        rules: Vec::new(),
+                        in_sync: true,
+                        status: format!("{family} not managed: no {family} --source-cidr"),
+                    };
                 }
-                match self.observe(family) {
-                    Ok((chain, postrouting)) => {
-                        let observed = Self::observed_rules(&chain, &postrouting);
-                        let desired = rules::desired(
-                            &self.config.mode,
-                            family,
-                            request.parsed.addrs.get(family),
-                            &observed,
-                        );
-                        let in_sync = rules::describe_drift(&self.config.mode, &observed, &desired)
-                            .is_empty();
-                        let rules = desired_rules(&desired)
-                            .into_iter()
-                            .map(|rule| ReportedRule {
-                                owned: rule.is_owned(),
-                                observed: ObservedRule {
-                                    rule,
-                                    packets: 0,
-                                    bytes: 0,
-                                },
-                            })
-                            .collect();
-                        FamilyReport {
-                            family,
-                            rules,
-                            in_sync,
-                            status: desired.waiting.clone().unwrap_or_else(|| {
-                                if in_sync {
-                                    "dry run: nothing would change".to_string()
-                                } else {
-                                    "dry run: these rules would be programmed".to_string()
-                                }
-                            }),
-                        }
-                    }
+                match self.read_back(family, addr) {
+                    Ok(read) => report(family, addr, read),
                     Err(e) => FamilyReport {
                         family,
                         rules: Vec::new(),
@@ -531,7 +509,37 @@ impl Engine {
                     },
                 }
             })
-            .collect();
+            .collect()
+    }
+
+    /// The rules a request would program, computed from what the kernel holds now.
+    fn preview(&self, request: &SetRequest, running: &StoredState) -> SetOutcome {
+        let rules = self.report_families(&request.parsed.addrs, |family, _, read| {
+            let in_sync = read.drift.is_empty();
+            let status = read.desired.waiting.clone().unwrap_or_else(|| {
+                if in_sync {
+                    "dry run: nothing would change".to_string()
+                } else {
+                    "dry run: these rules would be programmed".to_string()
+                }
+            });
+            FamilyReport {
+                family,
+                rules: desired_rules(&read.desired)
+                    .into_iter()
+                    .map(|rule| ReportedRule {
+                        owned: rule.is_owned(),
+                        observed: ObservedRule {
+                            rule,
+                            packets: 0,
+                            bytes: 0,
+                        },
+                    })
+                    .collect(),
+                in_sync,
+                status,
+            }
+        });
         let generation = if request.parsed.addrs == running.addrs {
             running.generation
         } else {
@@ -546,69 +554,37 @@ impl Engine {
         }
     }
 
-    fn unmanaged_report(&self, family: Family) -> FamilyReport {
-        FamilyReport {
-            family,
-            rules: Vec::new(),
-            in_sync: true,
-            status: format!("{family} not managed: no {family} --source-cidr"),
-        }
-    }
-
     /// Reads every family back from the kernel and compares it with the desired state.
     fn family_reports(&self, addrs: &EgressAddrs) -> Vec<FamilyReport> {
-        Family::ALL
-            .into_iter()
-            .map(|family| {
-                if !self.config.mode.manages(family) {
-                    return self.unmanaged_report(family);
-                }
-                match self.observe(family) {
-                    Ok((chain, postrouting)) => {
-                        let observed = Self::observed_rules(&chain, &postrouting);
-                        let desired =
-                            rules::desired(&self.config.mode, family, addrs.get(family), &observed);
-                        let drift = rules::describe_drift(&self.config.mode, &observed, &desired);
-                        let wants_snat = addrs.get(family).is_some();
-                        let in_sync =
-                            drift.is_empty() && (desired.waiting.is_none() || !wants_snat);
-                        let status = if !drift.is_empty() {
-                            format!("drift: {}", drift.join("; "))
-                        } else if let Some(waiting) = desired.waiting {
-                            waiting
-                        } else {
-                            match addrs.get(family) {
-                                Some(addr) => format!("SNAT to {addr}"),
-                                None => "MASQUERADE".to_string(),
-                            }
-                        };
-                        let mut rules: Vec<ReportedRule> = chain
-                            .unwrap_or_default()
-                            .into_iter()
-                            .chain(postrouting.into_iter().filter(|r| r.rule.is_owned()))
-                            .map(|observed| ReportedRule {
-                                owned: observed.rule.is_owned(),
-                                observed,
-                            })
-                            .collect();
-                        // Jumps first: they are what sends traffic into the chain.
-                        rules.sort_by_key(|r| r.observed.rule.chain != POSTROUTING);
-                        FamilyReport {
-                            family,
-                            rules,
-                            in_sync,
-                            status,
-                        }
-                    }
-                    Err(e) => FamilyReport {
-                        family,
-                        rules: Vec::new(),
-                        in_sync: false,
-                        status: format!("cannot read the rules: {e}"),
-                    },
-                }
-            })
-            .collect()
+        self.report_families(addrs, |family, addr, read| {
+            let in_sync =
+                read.drift.is_empty() && (read.desired.waiting.is_none() || addr.is_none());
+            let status = if !read.drift.is_empty() {
+                format!("drift: {}", read.drift.join("; "))
+            } else if let Some(waiting) = read.desired.waiting {
+                waiting
+            } else {
+                addr.map_or_else(|| "MASQUERADE".to_string(), |a| format!("SNAT to {a}"))
+            };
+            let mut rules: Vec<ReportedRule> = read
+                .chain
+                .unwrap_or_default()
+                .into_iter()
+                .chain(read.postrouting.into_iter().filter(|r| r.rule.is_owned()))
+                .map(|observed| ReportedRule {
+                    owned: observed.rule.is_owned(),
+                    observed,
+                })
+                .collect();
+            // Jumps first: they are what sends traffic into the chain.
+            rules.sort_by_key(|r| r.observed.rule.chain != POSTROUTING);
+            FamilyReport {
+                family,
+                rules,
+                in_sync,
+                status,
+            }
+        })
     }
 
     fn status_report(&self) -> StatusReport {
@@ -623,6 +599,24 @@ impl Engine {
             last_apply: self.last_apply,
             backend: self.netfilter.backend_name(),
         }
+    }
+}
+
+/// One family as read from the kernel, with what the engine wants there.
+struct ReadBack {
+    chain: Option<Vec<ObservedRule>>,
+    postrouting: Vec<ObservedRule>,
+    observed: Observed,
+    desired: Desired,
+    drift: Vec<String>,
+}
+
+fn observed_rules(chain: &Option<Vec<ObservedRule>>, postrouting: &[ObservedRule]) -> Observed {
+    Observed {
+        kilo_nat: chain
+            .as_ref()
+            .map(|rules| rules.iter().map(|r| r.rule.clone()).collect()),
+        postrouting: postrouting.iter().map(|r| r.rule.clone()).collect(),
     }
 }
 
@@ -651,7 +645,7 @@ pub fn cleanup(mode: &ModeConfig, netfilter: &dyn Netfilter) -> Result<usize, Ne
         let postrouting = netfilter
             .read_chain(family, POSTROUTING)?
             .unwrap_or_default();
-        let observed = Engine::observed_rules(&chain, &postrouting);
+        let observed = observed_rules(&chain, &postrouting);
         for (i, transaction) in rules::plan_cleanup(mode, &observed).into_iter().enumerate() {
             match netfilter.restore(family, &transaction) {
                 Ok(()) => {
