@@ -192,7 +192,8 @@ fn print_rules(response: &api::GetRulesResponse, output: Output) {
 fn report(error: &ClientError) -> ExitCode {
     eprintln!("kilo-egress: {error}");
     match error {
-        ClientError::Invalid(_) | ClientError::Address(_) => {
+        ClientError::Address(_) => ExitCode::from(2),
+        ClientError::Invalid(_) => {
             eprintln!(
                 "  nothing was changed; give one IPv4 and/or one IPv6 address, e.g. kilo-egress set 198.51.100.20 2001:db8::20"
             );
@@ -204,6 +205,17 @@ fn report(error: &ClientError) -> ExitCode {
         }
         ClientError::Status(status) if status.code() == tonic::Code::FailedPrecondition => {
             eprintln!("  nothing was changed; run `kilo-egress get` for the current generation");
+            ExitCode::from(1)
+        }
+        ClientError::Status(status)
+            if matches!(
+                status.code(),
+                tonic::Code::DeadlineExceeded | tonic::Code::Cancelled | tonic::Code::Unavailable
+            ) =>
+        {
+            eprintln!(
+                "  the change may still have been applied; run `kilo-egress get` to see the current state"
+            );
             ExitCode::from(1)
         }
         _ => ExitCode::from(1),

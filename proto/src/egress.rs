@@ -143,6 +143,8 @@ pub enum InvalidReason {
     LinkLocal,
     /// `::ffff:0:0/96`: an IPv4 address written as IPv6.
     Ipv4Mapped,
+    /// `0.0.0.0/8`, `240.0.0.0/4` or the deprecated IPv4-compatible `::/96`.
+    Reserved,
 }
 
 impl fmt::Display for InvalidReason {
@@ -170,6 +172,9 @@ impl fmt::Display for InvalidReason {
             InvalidReason::LinkLocal => "is a link-local address",
             InvalidReason::Ipv4Mapped => {
                 "is an IPv4-mapped IPv6 address; give the IPv4 address itself"
+            }
+            InvalidReason::Reserved => {
+                "is in a reserved range (0.0.0.0/8, 240.0.0.0/4, ::/96) and cannot be a source address"
             }
         })
     }
@@ -245,6 +250,10 @@ fn check_unicast(addr: IpAddr) -> Result<(), InvalidReason> {
         IpAddr::V4(v4) if v4.is_link_local() => Err(InvalidReason::LinkLocal),
         IpAddr::V6(v6) if v6.is_unicast_link_local() => Err(InvalidReason::LinkLocal),
         IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some() => Err(InvalidReason::Ipv4Mapped),
+        IpAddr::V4(v4) if v4.octets()[0] == 0 || v4.octets()[0] >= 240 => {
+            Err(InvalidReason::Reserved)
+        }
+        IpAddr::V6(v6) if v6.segments()[..6] == [0; 6] => Err(InvalidReason::Reserved),
         _ => Ok(()),
     }
 }
@@ -343,6 +352,9 @@ mod tests {
             ("169.254.1.1", InvalidReason::LinkLocal),
             ("fe80::1", InvalidReason::LinkLocal),
             ("::ffff:192.0.2.1", InvalidReason::Ipv4Mapped),
+            ("0.1.2.3", InvalidReason::Reserved),
+            ("240.0.0.1", InvalidReason::Reserved),
+            ("::192.0.2.1", InvalidReason::Reserved),
         ];
         for (entry, expected) in cases {
             assert_eq!(reason(entry), expected, "entry {entry:?}");

@@ -24,6 +24,8 @@ pub struct EngineConfig {
     pub mode: ModeConfig,
     /// How often the engine re-reads its chains to detect drift.
     pub resync_interval: Duration,
+    /// The families the node uses (`--ip-families`); the others are never programmed.
+    pub families: Vec<Family>,
 }
 
 /// A validated SetEgress request.
@@ -115,7 +117,7 @@ pub enum EngineError {
     Apply(String),
     /// The state could not be saved; nothing was changed.
     #[error("saving the state failed, nothing was changed: {0}")]
-    State(#[from] StateError),
+    State(String),
     /// The engine is not running.
     #[error("the engine has stopped")]
     Stopped,
@@ -211,6 +213,7 @@ impl Engine {
             last_apply: None,
             ready: ready_tx,
         };
+        engine.remove_leftovers();
         engine.resync("start");
         let (commands, inbox) = mpsc::channel();
         let thread = std::thread::Builder::new()
@@ -235,6 +238,11 @@ impl Engine {
                     let mut batch = vec![first];
                     batch.extend(inbox.try_iter());
                     self.handle_batch(batch);
+                    // A steady stream of commands must not postpone the drift check.
+                    if Instant::now() >= next_resync {
+                        self.resync("drift check");
+                        next_resync = Instant::now() + self.config.resync_interval;
+                    }
                 }
                 Err(RecvTimeoutError::Timeout) => {
                     self.resync("drift check");
@@ -245,25 +253,55 @@ impl Engine {
         }
     }
 
+    /// Why the engine leaves `family` alone, or `None` when it programs it.
+    fn unmanaged_reason(&self, family: Family) -> Option<String> {
+        if !self.config.families.contains(&family) {
+            Some(format!("--ip-families excludes {family}"))
+        } else if !self.config.mode.manages(family) {
+            Some(format!("no {family} --source-cidr"))
+        } else {
+            None
+        }
+    }
+
     fn managed_families(&self) -> Vec<Family> {
         Family::ALL
             .into_iter()
-            .filter(|f| self.config.mode.manages(*f))
+            .filter(|f| self.unmanaged_reason(*f).is_none())
             .collect()
+    }
+
+    /// Removes rules of ours that an earlier configuration or mode left in families the engine
+    /// no longer manages. Best effort: a family the host cannot program is skipped.
+    fn remove_leftovers(&self) {
+        for family in Family::ALL {
+            if self.unmanaged_reason(family).is_none() {
+                continue;
+            }
+            match self.reconcile_family(family, &EgressAddrs::NONE) {
+                Ok(applied) if applied.rules_touched > 0 => info!(
+                    %family,
+                    removed = %applied.drift.join("; "),
+                    "removed rules of ours from a family this configuration does not manage"
+                ),
+                Ok(_) => {}
+                Err(e) => debug!(%family, error = %e, "not checking an unmanaged family"),
+            }
+        }
     }
 
     /// Reads one family from the kernel and decides what `addr` wants there.
     fn read_back(&self, family: Family, addr: Option<IpAddr>) -> Result<ReadBack, NetfilterError> {
         let chain = self.netfilter.read_chain(family, KILO_NAT)?;
-        let postrouting = if self.config.mode.owns_jumps() {
-            self.netfilter
-                .read_chain(family, POSTROUTING)?
-                .unwrap_or_default()
-        } else {
-            Vec::new()
-        };
+        let postrouting = self
+            .netfilter
+            .read_chain(family, POSTROUTING)?
+            .unwrap_or_default();
         let observed = observed_rules(&chain, &postrouting);
-        let desired = rules::desired(&self.config.mode, family, addr, &observed);
+        let desired = match self.unmanaged_reason(family) {
+            Some(why) => rules::without_owned_rules(&observed, why),
+            None => rules::desired(&self.config.mode, family, addr, &observed),
+        };
         let drift = rules::describe_drift(&self.config.mode, &observed, &desired);
         Ok(ReadBack {
             chain,
@@ -416,11 +454,8 @@ impl Engine {
             && let Err(e) = self.store.save(&running)
         {
             error!(error = %e, "cannot save the state; the change is refused");
-            let message = e.to_string();
             for (_, _, reply) in accepted {
-                let _ = reply.send(Err(EngineError::Apply(format!(
-                    "saving the state failed: {message}"
-                ))));
+                let _ = reply.send(Err(EngineError::State(e.to_string())));
             }
             return;
         }
@@ -454,7 +489,7 @@ impl Engine {
                             running.generation, running.addrs
                         ));
                     }
-                    warnings.extend(waiting_notes(&rules));
+                    warnings.extend(waiting_notes(&rules, &state.addrs));
                     let _ = reply.send(Ok(SetOutcome {
                         addrs: state.addrs,
                         generation: state.generation,
@@ -491,12 +526,12 @@ impl Engine {
             .into_iter()
             .map(|family| {
                 let addr = addrs.get(family);
-                if !self.config.mode.manages(family) {
+                if let Some(why) = self.unmanaged_reason(family) {
                     return FamilyReport {
                         family,
                         rules: Vec::new(),
                         in_sync: true,
-                        status: format!("{family} not managed: no {family} --source-cidr"),
+                        status: format!("not managed: {why}"),
                     };
                 }
                 match self.read_back(family, addr) {
@@ -629,11 +664,12 @@ fn desired_rules(desired: &Desired) -> Vec<Rule> {
         .collect()
 }
 
-fn waiting_notes(reports: &[FamilyReport]) -> Vec<String> {
+/// Why an address this request chose is not (yet) programmed, one note per such family.
+fn waiting_notes(reports: &[FamilyReport], addrs: &EgressAddrs) -> Vec<String> {
     reports
         .iter()
-        .filter(|r| r.status.starts_with("waiting") || r.status.contains("not managed"))
-        .map(|r| r.status.clone())
+        .filter(|r| addrs.get(r.family).is_some() && !r.in_sync)
+        .map(|r| format!("{}: {}", r.family, r.status))
         .collect()
 }
 
@@ -684,6 +720,7 @@ mod tests {
         let config = EngineConfig {
             mode: own_mode(),
             resync_interval: Duration::from_secs(3600),
+            families: Family::ALL.to_vec(),
         };
         Engine::start(config, fake.clone(), StateStore::new(dir))
             .unwrap()
@@ -811,6 +848,7 @@ mod tests {
         let config = EngineConfig {
             mode: own_mode(),
             resync_interval: Duration::from_millis(20),
+            families: Family::ALL.to_vec(),
         };
         let handle = Engine::start(config, fake.clone(), StateStore::new(dir.path()))
             .unwrap()
@@ -828,19 +866,60 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn failed_apply_rolls_back_state() {
+    async fn failed_apply_rolls_back_state_and_the_family_that_succeeded() {
         let fake = Arc::new(FakeNetfilter::new());
         let dir = tempfile::tempdir().unwrap();
         let handle = start(&fake, dir.path());
-        handle.set(set(&["198.51.100.20"])).await.unwrap();
+        handle
+            .set(set(&["198.51.100.20", "2001:db8::20"]))
+            .await
+            .unwrap();
         let saved = std::fs::read(dir.path().join("state.json")).unwrap();
-        // POSTROUTING vanishing makes every transaction that touches it fail.
-        fake.tamper(Family::Ipv4, |t| {
+        let ipv4_before = fake.chain(Family::Ipv4, KILO_NAT);
+        // IPv4 applies first and succeeds; IPv6 then fails because its POSTROUTING vanished.
+        fake.tamper(Family::Ipv6, |t| {
             t.remove(POSTROUTING);
         });
-        let err = handle.set(set(&["198.51.100.99"])).await.unwrap_err();
+        let err = handle
+            .set(set(&["198.51.100.99", "2001:db8::99"]))
+            .await
+            .unwrap_err();
         assert!(matches!(err, EngineError::Apply(_)), "{err}");
         assert_eq!(std::fs::read(dir.path().join("state.json")).unwrap(), saved);
         assert_eq!(handle.status().await.unwrap().generation, 1);
+        assert_eq!(
+            fake.chain(Family::Ipv4, KILO_NAT),
+            ipv4_before,
+            "IPv4 is put back to the previous state"
+        );
+    }
+
+    #[tokio::test]
+    async fn rules_of_an_excluded_family_are_removed_at_start() {
+        let fake = Arc::new(FakeNetfilter::new());
+        let dir = tempfile::tempdir().unwrap();
+        start(&fake, dir.path())
+            .set(set(&["198.51.100.20", "2001:db8::20"]))
+            .await
+            .unwrap();
+        assert!(fake.chain(Family::Ipv6, KILO_NAT).unwrap().len() == 1);
+        let config = EngineConfig {
+            mode: own_mode(),
+            resync_interval: Duration::from_secs(3600),
+            families: vec![Family::Ipv4],
+        };
+        let handle = Engine::start(config, fake.clone(), StateStore::new(dir.path()))
+            .unwrap()
+            .0;
+        assert_eq!(fake.chain(Family::Ipv6, KILO_NAT), Some(vec![]));
+        assert!(fake.chain(Family::Ipv6, POSTROUTING).unwrap().is_empty());
+        assert!(fake.chain(Family::Ipv4, KILO_NAT).unwrap()[0].contains("198.51.100.20"));
+        let status = handle.status().await.unwrap();
+        assert!(
+            status.families[1]
+                .status
+                .contains("--ip-families excludes IPv6")
+        );
+        assert!(status.in_sync);
     }
 }

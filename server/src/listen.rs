@@ -33,6 +33,9 @@ pub enum ListenError {
          because anyone who reaches the port could change the node's egress address; use the unix socket instead"
     )]
     NotLoopback(SocketAddr),
+    /// Something that is not a socket is at the path; it is never removed.
+    #[error("{0} exists and is not a socket; refusing to replace it (check --listen)")]
+    NotASocket(PathBuf),
     /// Another server answers on the socket.
     #[error(
         "another server is already listening on {0}; stop it first or choose another --listen path"
@@ -97,7 +100,10 @@ pub async fn bind_unix(path: &Path) -> Result<tokio::net::UnixListener, ListenEr
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent).map_err(io("create directory", parent))?;
     }
-    if path.exists() {
+    if let Ok(metadata) = std::fs::symlink_metadata(path) {
+        if !std::os::unix::fs::FileTypeExt::is_socket(&metadata.file_type()) {
+            return Err(ListenError::NotASocket(path.to_path_buf()));
+        }
         if tokio::net::UnixStream::connect(path).await.is_ok() {
             return Err(ListenError::InUse(path.to_path_buf()));
         }
@@ -160,5 +166,17 @@ mod tests {
         // The file stays behind after the listener is gone: a stale socket.
         assert!(path.exists());
         bind_unix(&path).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_file_that_is_not_a_socket_is_never_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("admin.conf");
+        std::fs::write(&path, b"precious").unwrap();
+        assert!(matches!(
+            bind_unix(&path).await,
+            Err(ListenError::NotASocket(_))
+        ));
+        assert_eq!(std::fs::read(&path).unwrap(), b"precious");
     }
 }

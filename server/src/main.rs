@@ -4,10 +4,11 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
 use kilo_egress_api::DEFAULT_SOCKET;
+use kilo_egress_api::egress::Family;
 use kilo_egressd::engine::{self, Engine, EngineConfig};
 use kilo_egressd::listen::ListenAddr;
 use kilo_egressd::netfilter::{Backend, IptablesCli};
-use kilo_egressd::rules::ModeConfig;
+use kilo_egressd::rules::{ModeConfig, family_of_net};
 use kilo_egressd::server::{self, Limits};
 use kilo_egressd::state::StateStore;
 use std::path::PathBuf;
@@ -89,9 +90,21 @@ struct RunArgs {
     /// Own mode: destination CIDR never NATed, e.g. the cluster's pod and service ranges (repeatable).
     #[arg(long, env = "KILO_EGRESS_NO_NAT_CIDRS", value_delimiter = ',')]
     no_nat_cidr: Vec<IpNet>,
+    /// The IP families this node uses; rules of the others are never written (use `ipv4` on a
+    /// host without IPv6 netfilter support).
+    #[arg(long, env = "KILO_EGRESS_IP_FAMILIES", value_delimiter = ',', default_value = "ipv4,ipv6", value_parser = parse_family)]
+    ip_families: Vec<Family>,
     /// How often the rules are re-read and repaired if they drifted.
     #[arg(long, env = "KILO_EGRESS_RESYNC_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
     resync_interval: Duration,
+}
+
+fn parse_family(text: &str) -> Result<Family, String> {
+    match text.to_ascii_lowercase().as_str() {
+        "ipv4" => Ok(Family::Ipv4),
+        "ipv6" => Ok(Family::Ipv6),
+        _ => Err(format!("{text:?} is not an IP family: use ipv4 or ipv6")),
+    }
 }
 
 fn init_logging(format: LogFormat) {
@@ -118,6 +131,17 @@ fn mode_config(args: &RunArgs) -> anyhow::Result<ModeConfig> {
             Ok(ModeConfig::Kilo)
         }
         ModeArg::Own => {
+            if let Some(net) = args
+                .source_cidr
+                .iter()
+                .chain(&args.no_nat_cidr)
+                .find(|net| !args.ip_families.contains(&family_of_net(net)))
+            {
+                bail!(
+                    "{net} is {} but --ip-families does not include it",
+                    family_of_net(net)
+                );
+            }
             if args.source_cidr.is_empty() {
                 bail!(
                     "--mode own needs at least one --source-cidr: the pod CIDR(s) whose traffic leaving the node is NATed, e.g. --source-cidr 10.4.0.0/16"
@@ -189,6 +213,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let config = EngineConfig {
         mode,
         resync_interval: args.resync_interval,
+        families: args.ip_families.clone(),
     };
     let (handle, _engine) = tokio::task::spawn_blocking(move || {
         Engine::start(config, netfilter, StateStore::new(&args.common.state_dir))

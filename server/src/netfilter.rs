@@ -108,10 +108,13 @@ pub struct IptablesCli {
 impl IptablesCli {
     /// Uses the tools of `backend`; fails with a clear message when they are not installed.
     pub fn new(backend: Backend) -> Result<IptablesCli, NetfilterError> {
+        // `has_wait: false` because the crate would add a bare `--wait` (wait forever); reads
+        // pass `--wait 10` themselves, as restores do, so a stuck xtables lock cannot hang
+        // the engine.
         let tool = |family| iptables::IPTables {
             cmd: backend.list_command(family),
             has_check: true,
-            has_wait: true,
+            has_wait: false,
             is_numeric: true,
         };
         for family in Family::ALL {
@@ -158,7 +161,7 @@ impl Netfilter for IptablesCli {
     ) -> Result<Option<Vec<ObservedRule>>, NetfilterError> {
         let tool = self.tool(family);
         let output = tool
-            .execute("nat", &format!("-S {chain} -v"))
+            .execute("nat", &format!("-S {chain} -v --wait 10"))
             .map_err(|e| NetfilterError::List {
                 command: tool.cmd.to_string(),
                 chain: chain.to_string(),

@@ -180,11 +180,20 @@ pub fn return_rule(destination: IpNet) -> Rule {
     Rule::new(
         KILO_NAT,
         format!(
-            "-d {} {} -j RETURN",
-            destination.trunc(),
+            "{}{} -j RETURN",
+            address_match("-d", destination),
             comment(COMMENT_RETURN)
         ),
     )
+}
+
+/// `-s NET ` / `-d NET ` in canonical form; nothing for a /0, which `iptables -S` omits.
+fn address_match(flag: &str, net: IpNet) -> String {
+    if net.prefix_len() == 0 {
+        String::new()
+    } else {
+        format!("{flag} {} ", net.trunc())
+    }
 }
 
 /// The POSTROUTING rule that sends traffic from one source range into [`KILO_NAT`] (own mode).
@@ -192,8 +201,8 @@ pub fn jump_rule(source: IpNet) -> Rule {
     Rule::new(
         POSTROUTING,
         format!(
-            "-s {} {} -j {KILO_NAT}",
-            source.trunc(),
+            "{}{} -j {KILO_NAT}",
+            address_match("-s", source),
             comment(COMMENT_JUMP)
         ),
     )
@@ -233,8 +242,8 @@ impl ModeConfig {
         }
     }
 
-    /// Whether the service reads and writes POSTROUTING (own mode only).
-    pub fn owns_jumps(&self) -> bool {
+    /// Whether the service owns the whole chain (own mode), not only its SNAT rule.
+    pub fn owns_chain(&self) -> bool {
         matches!(self, ModeConfig::Own { .. })
     }
 }
@@ -252,7 +261,7 @@ pub fn family_of_net(net: &IpNet) -> Family {
 pub struct Observed {
     /// The rules of [`KILO_NAT`], or `None` when the chain does not exist.
     pub kilo_nat: Option<Vec<Rule>>,
-    /// The rules of POSTROUTING (read in own mode only; empty otherwise).
+    /// The rules of POSTROUTING.
     pub postrouting: Vec<Rule>,
 }
 
@@ -265,6 +274,19 @@ pub struct Desired {
     pub jumps: Vec<Rule>,
     /// Why the service programs nothing for this family, if it does not.
     pub waiting: Option<String>,
+}
+
+/// The desired state of a family the service does not manage: none of its own rules (left over
+/// from an earlier configuration or mode), everything else as it is.
+pub fn without_owned_rules(observed: &Observed, why: String) -> Desired {
+    Desired {
+        kilo_nat: observed
+            .kilo_nat
+            .as_ref()
+            .map(|chain| chain.iter().filter(|r| !r.is_owned()).cloned().collect()),
+        jumps: Vec::new(),
+        waiting: Some(format!("not managed: {why}")),
+    }
 }
 
 /// Computes the desired rules of one family from the configuration, the chosen address and
@@ -288,11 +310,7 @@ pub fn desired(
             };
             let jumps: Vec<Rule> = of_family(source_cidrs).into_iter().map(jump_rule).collect();
             if jumps.is_empty() {
-                return Desired {
-                    kilo_nat: observed.kilo_nat.clone(),
-                    jumps,
-                    waiting: Some(format!("{family} not managed: no {family} --source-cidr")),
-                };
+                return without_owned_rules(observed, format!("no {family} --source-cidr"));
             }
             let mut chain: Vec<Rule> = of_family(no_nat_cidrs)
                 .into_iter()
@@ -311,7 +329,7 @@ pub fn desired(
                     kilo_nat: None,
                     jumps: Vec::new(),
                     waiting: Some(format!(
-                        "waiting for Kilo's agent: chain {KILO_NAT} does not exist ({family})"
+                        "waiting for Kilo's agent: chain {KILO_NAT} does not exist ({family}; if kg runs, check that --iptables-backend matches the backend kg uses)"
                     )),
                 };
             };
@@ -351,7 +369,7 @@ pub fn describe_drift(mode: &ModeConfig, observed: &Observed, desired: &Desired)
                 drift.push(format!("missing rule: {rule}"));
             }
             for rule in &extra {
-                if rule.is_owned() || mode.owns_jumps() {
+                if rule.is_owned() || mode.owns_chain() {
                     drift.push(format!("unexpected rule: {rule}"));
                 }
             }
@@ -361,28 +379,27 @@ pub fn describe_drift(mode: &ModeConfig, observed: &Observed, desired: &Desired)
         }
         _ => {}
     }
-    if mode.owns_jumps() {
-        let top = &observed.postrouting[..desired.jumps.len().min(observed.postrouting.len())];
-        if top != desired.jumps.as_slice() {
-            for jump in &desired.jumps {
-                if observed.postrouting.contains(jump) {
-                    drift.push(format!("jump not at the top of {POSTROUTING}: {jump}"));
-                } else {
-                    drift.push(format!("missing jump: {jump}"));
-                }
+    // Jumps: desired ones (own mode) must open POSTROUTING; any other jump of ours is stale.
+    let top = &observed.postrouting[..desired.jumps.len().min(observed.postrouting.len())];
+    if top != desired.jumps.as_slice() {
+        for jump in &desired.jumps {
+            if observed.postrouting.contains(jump) {
+                drift.push(format!("jump not at the top of {POSTROUTING}: {jump}"));
+            } else {
+                drift.push(format!("missing jump: {jump}"));
             }
         }
-        let stray = observed
-            .postrouting
-            .iter()
-            .filter(|r| r.is_owned() && !desired.jumps.contains(r));
-        for rule in stray {
-            drift.push(format!("stale jump: {rule}"));
-        }
-        let owned_jumps = observed.postrouting.iter().filter(|r| r.is_owned()).count();
-        if owned_jumps > desired.jumps.len() && drift.is_empty() {
-            drift.push(format!("duplicate jumps in {POSTROUTING}"));
-        }
+    }
+    let stray = observed
+        .postrouting
+        .iter()
+        .filter(|r| r.is_owned() && !desired.jumps.contains(r));
+    for rule in stray {
+        drift.push(format!("stale jump: {rule}"));
+    }
+    let owned_jumps = observed.postrouting.iter().filter(|r| r.is_owned()).count();
+    if owned_jumps > desired.jumps.len() && drift.is_empty() {
+        drift.push(format!("duplicate jumps in {POSTROUTING}"));
     }
     drift
 }
@@ -416,18 +433,16 @@ pub fn plan_transaction(
             }
         }
     }
-    if mode.owns_jumps() {
-        let have = &observed.postrouting;
-        let top_ok =
-            have.len() >= desired.jumps.len() && have[..desired.jumps.len()] == desired.jumps[..];
-        let owned_count = have.iter().filter(|r| r.is_owned()).count();
-        if !top_ok || owned_count != desired.jumps.len() {
-            for rule in have.iter().filter(|r| r.is_owned()) {
-                lines.push(format!("-D {POSTROUTING} {}", rule.args));
-            }
-            for (i, jump) in desired.jumps.iter().enumerate() {
-                lines.push(format!("-I {POSTROUTING} {} {}", i + 1, jump.args));
-            }
+    let have = &observed.postrouting;
+    let top_ok =
+        have.len() >= desired.jumps.len() && have[..desired.jumps.len()] == desired.jumps[..];
+    let owned_count = have.iter().filter(|r| r.is_owned()).count();
+    if !top_ok || owned_count != desired.jumps.len() {
+        for rule in have.iter().filter(|r| r.is_owned()) {
+            lines.push(format!("-D {POSTROUTING} {}", rule.args));
+        }
+        for (i, jump) in desired.jumps.iter().enumerate() {
+            lines.push(format!("-I {POSTROUTING} {} {}", i + 1, jump.args));
         }
     }
     if lines.is_empty() {
@@ -452,7 +467,7 @@ pub fn plan_cleanup(mode: &ModeConfig, observed: &Observed) -> Vec<String> {
         transactions.push(wrap_nat(&lines));
     }
     let only_ours_left = chain.iter().all(Rule::is_owned);
-    if mode.owns_jumps() && observed.kilo_nat.is_some() && only_ours_left {
+    if mode.owns_chain() && observed.kilo_nat.is_some() && only_ours_left {
         transactions.push(wrap_nat(&[format!("-X {KILO_NAT}")]));
     }
     transactions
@@ -673,6 +688,64 @@ mod tests {
         assert_eq!(txs.len(), 1);
         assert_eq!(txs[0].matches("-D ").count(), 1);
         assert!(!txs[0].contains("Kilo:"));
+    }
+
+    #[test]
+    fn unmanaged_family_loses_our_rules_and_keeps_foreign_ones() {
+        let v6_only = ModeConfig::Own {
+            source_cidrs: vec!["fd00:44::/64".parse().unwrap()],
+            no_nat_cidrs: vec![],
+        };
+        let foreign = rule("-A KILO-NAT -d 192.0.2.0/24 -j RETURN");
+        let observed = Observed {
+            kilo_nat: Some(vec![
+                foreign.clone(),
+                snat_rule("198.51.100.20".parse().unwrap()),
+            ]),
+            postrouting: vec![jump_rule("10.44.0.0/24".parse().unwrap())],
+        };
+        let want = desired(&v6_only, Family::Ipv4, None, &observed);
+        assert_eq!(want.kilo_nat, Some(vec![foreign]));
+        assert!(want.jumps.is_empty());
+        let drift = describe_drift(&v6_only, &observed, &want);
+        assert!(drift.iter().any(|d| d.contains("stale jump")), "{drift:?}");
+        let tx = plan_transaction(&v6_only, &observed, &want).unwrap();
+        assert!(tx.contains("-D POSTROUTING -s 10.44.0.0/24"), "{tx}");
+        assert!(!tx.contains("SNAT"), "{tx}");
+    }
+
+    #[test]
+    fn kilo_mode_removes_jumps_left_by_own_mode() {
+        let observed = Observed {
+            kilo_nat: Some(kg_chain()),
+            postrouting: vec![
+                rule(
+                    r#"-A POSTROUTING -s 10.44.0.0/24 -m comment --comment "Kilo: jump to KILO-NAT chain" -j KILO-NAT"#,
+                ),
+                jump_rule("10.44.0.0/24".parse().unwrap()),
+            ],
+        };
+        let want = desired(&ModeConfig::Kilo, Family::Ipv4, None, &observed);
+        let tx = plan_transaction(&ModeConfig::Kilo, &observed, &want).unwrap();
+        assert_eq!(tx.matches("-D POSTROUTING").count(), 1, "{tx}");
+        assert!(
+            !tx.contains("Kilo: jump"),
+            "kg's jump is never touched: {tx}"
+        );
+    }
+
+    #[test]
+    fn zero_prefix_renders_as_iptables_prints_it() {
+        // `iptables -S` omits `-s 0.0.0.0/0` and `-d ::/0`; rendering them would never compare
+        // equal and the engine would rewrite the rule at every resync.
+        assert_eq!(
+            jump_rule("0.0.0.0/0".parse().unwrap()).spec(),
+            r#"-A POSTROUTING -m comment --comment "kilo-egress: jump to KILO-NAT" -j KILO-NAT"#
+        );
+        assert_eq!(
+            return_rule("::/0".parse().unwrap()).spec(),
+            r#"-A KILO-NAT -m comment --comment "kilo-egress: do not NAT this destination" -j RETURN"#
+        );
     }
 
     /// Renders each scenario's transaction and compares it with `testdata/golden/NAME.txt`

@@ -50,6 +50,7 @@ async fn start_listening(netfilter: Arc<dyn Netfilter>, tcp: bool) -> Started {
     let config = EngineConfig {
         mode: own_mode(),
         resync_interval: Duration::from_secs(3600),
+        families: Family::ALL.to_vec(),
     };
     let (engine, _thread) =
         Engine::start(config, netfilter, StateStore::new(dir.path().join("state"))).unwrap();

@@ -35,8 +35,8 @@ use std::time::{Duration, Instant};
 pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How long the daemon may take to repair drifted rules or follow a rebuilt chain (it resyncs
-/// every second; the margin absorbs a loaded 2-core machine).
-pub const REPAIR_TIMEOUT: Duration = Duration::from_secs(10);
+/// every second: 3 s allows one missed resync on a loaded 2-core machine, and no more).
+pub const REPAIR_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// The pause between two attempts of [`poll_until`].
 pub const POLL_INTERVAL: Duration = Duration::from_millis(25);

@@ -198,3 +198,38 @@ fn cleanup_removes_everything_it_wrote(family: Family, backend: Backend) {
     assert!(d.state_file().is_none(), "cleanup removes the stored state");
 }
 for_each_variant!(cleanup_removes_everything_it_wrote: nft, legacy);
+
+/// Restarted with only the other family's `--source-cidr`, kilo-egressd removes the rules it
+/// had written for this family: pod traffic of this family is no longer NATed by it.
+fn dropping_a_family_from_the_config_removes_its_rules(family: Family, backend: Backend) {
+    let lab = Lab::new().unwrap();
+    let ipt = lab.iptables(backend, family);
+    let pristine = ipt.nat_dump().unwrap();
+    let mut d = lab.start_daemon(DaemonConfig::own(backend)).unwrap();
+    d.must(d.cli_ok(&["set", family.preferred()]));
+    let stopped = d.stop();
+    d.must(stopped);
+
+    let other = family.other();
+    let config = DaemonConfig {
+        args: vec!["--source-cidr".into(), other.pod_cidr().into()],
+        ..DaemonConfig::own(backend)
+    };
+    let d2 = lab.start_daemon(config).unwrap();
+    let after = d2.must(ipt.nat_dump());
+    assert!(
+        !after.contains("kilo-egress:"),
+        "no rule of ours is left for {}:\n{after}{}",
+        family.name(),
+        d2.context()
+    );
+    assert!(
+        after
+            .lines()
+            .all(|l| pristine.contains(l) || l == "-N KILO-NAT"),
+        "nothing else changed:\n{after}"
+    );
+    let view = d2.must(d2.get_rules());
+    assert!(view.in_sync(), "{:#}", view.raw);
+}
+for_each_variant!(dropping_a_family_from_the_config_removes_its_rules: nft, legacy);
