@@ -256,6 +256,21 @@ impl<'lab> Daemon<'lab> {
         self.wait_ready()
     }
 
+    /// Starts the process again (after [`Daemon::stop`]) and returns the moment its API socket
+    /// appears, without any RPC: what the kernel holds then is what the first client would see.
+    pub fn start_again_until_socket(&mut self) -> anyhow::Result<()> {
+        if self.is_running() {
+            bail!("kilo-egressd is still running");
+        }
+        let _ = std::fs::remove_file(self.socket());
+        self.spawn()?;
+        let socket = self.socket().to_path_buf();
+        if !poll_until(READY_TIMEOUT, || socket.exists()) {
+            bail!("{} did not appear{}", socket.display(), self.context());
+        }
+        Ok(())
+    }
+
     /// [`Daemon::stop`] (SIGTERM) followed by [`Daemon::start_again`].
     pub fn restart(&mut self) -> anyhow::Result<()> {
         self.stop()?;

@@ -80,15 +80,17 @@ fn stored_choice_is_programmed_before_api_serves(family: Family, backend: Backen
         "without rules pod traffic does not reach upstream"
     );
 
-    // start_again returns as soon as `kilo-egress health` reports SERVING: no polling here.
-    let started = d.start_again();
+    // Read the kernel the moment the API socket exists, before any client could connect.
+    let started = d.start_again_until_socket();
     d.must(started);
     assert_eq!(
         d.must(ipt.nat_dump()),
         before,
-        "the stored choice is in the kernel when the API serves{}",
+        "the stored choice is in the kernel before the API serves{}",
         d.context()
     );
+    let ready = d.wait_ready();
+    d.must(ready);
     let view = d.must(d.get_rules());
     assert_eq!(view.egress(family), family.preferred(), "{:#}", view.raw);
     assert_eq!(
