@@ -2,7 +2,7 @@
 //! socket and log file, driven with the `kilo-egress` CLI and `grpcurl`.
 
 use crate::cmd::{self, Captured};
-use crate::lab::{Backend, Family, Lab};
+use crate::lab::{Backend, Family, Iptables, Lab};
 use crate::{READY_TIMEOUT, bin_path, poll_until};
 use anyhow::{Context, bail};
 use serde_json::Value;
@@ -269,6 +269,31 @@ impl<'lab> Daemon<'lab> {
             bail!("{} did not appear{}", socket.display(), self.context());
         }
         Ok(())
+    }
+
+    /// Stops with SIGTERM and asserts what a user relies on across restarts and upgrades: a
+    /// clean exit, the nat table exactly as `dump` (from `ipt`), and upstream still seeing the
+    /// chosen address of `family`.
+    pub fn stop_keeping_rules(&mut self, ipt: &Iptables<'_>, dump: &str, family: Family) {
+        let stopped = self.stop();
+        let status = self.must(stopped);
+        assert!(
+            status.success(),
+            "SIGTERM is a clean stop: {status}{}",
+            self.context()
+        );
+        assert_eq!(
+            self.must(ipt.nat_dump()),
+            dump,
+            "rules stay after SIGTERM{}",
+            self.context()
+        );
+        assert_eq!(
+            self.must(self.lab.seen_source(family)),
+            family.preferred(),
+            "traffic keeps the chosen address while the daemon is down{}",
+            self.context()
+        );
     }
 
     /// [`Daemon::stop`] (SIGTERM) followed by [`Daemon::start_again`].

@@ -190,25 +190,7 @@ fn cleanup_removes_only_the_snat_rule(family: Family, backend: Backend) {
     d.must(d.cli_ok(&["set", family.preferred()]));
     let with_snat = d.must(ipt.nat_dump());
 
-    let stopped = d.stop();
-    let status = d.must(stopped);
-    assert!(
-        status.success(),
-        "SIGTERM is a clean stop: {status}{}",
-        d.context()
-    );
-    assert_eq!(
-        d.must(ipt.nat_dump()),
-        with_snat,
-        "rules stay after SIGTERM{}",
-        d.context()
-    );
-    assert_eq!(
-        d.must(lab.seen_source(family)),
-        family.preferred(),
-        "{}",
-        d.context()
-    );
+    d.stop_keeping_rules(&ipt, &with_snat, family);
 
     let out = d.must(d.cleanup());
     assert!(out.success(), "cleanup: {out}");

@@ -13,25 +13,7 @@ fn rules_stay_on_sigterm_and_restart_keeps_choice_without_client(family: Family,
     let before = d.must(ipt.nat_dump());
     let view_before = d.must(d.get_rules());
 
-    let stopped = d.stop();
-    let status = d.must(stopped);
-    assert!(
-        status.success(),
-        "SIGTERM is a clean stop: {status}{}",
-        d.context()
-    );
-    assert_eq!(
-        d.must(ipt.nat_dump()),
-        before,
-        "rules stay after SIGTERM{}",
-        d.context()
-    );
-    assert_eq!(
-        d.must(lab.seen_source(family)),
-        family.preferred(),
-        "traffic keeps the chosen address while the daemon is down{}",
-        d.context()
-    );
+    d.stop_keeping_rules(&ipt, &before, family);
 
     let started = d.start_again();
     d.must(started);
