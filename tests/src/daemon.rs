@@ -288,12 +288,18 @@ impl<'lab> Daemon<'lab> {
             "rules stay after SIGTERM{}",
             self.context()
         );
-        assert_eq!(
-            self.must(self.lab.seen_source(family)),
+        self.assert_upstream_sees(
+            family,
             family.preferred(),
-            "traffic keeps the chosen address while the daemon is down{}",
-            self.context()
+            "traffic keeps the chosen address while the daemon is down",
         );
+    }
+
+    /// Asserts that upstream sees `expected` as the source of this family's pod traffic; a
+    /// failure shows `why` and the end of the daemon's log.
+    pub fn assert_upstream_sees(&self, family: Family, expected: &str, why: &str) {
+        let seen = self.must(self.lab.seen_source(family));
+        assert_eq!(seen, expected, "{why}{}", self.context());
     }
 
     /// [`Daemon::stop`] (SIGTERM) followed by [`Daemon::start_again`].

@@ -54,12 +54,7 @@ fn repaired_after(family: Family, backend: Backend, tamper: impl FnOnce(&Iptable
     tamper(&ipt, &before);
 
     d.must(ipt.wait_for_nat_dump(&before, REPAIR_TIMEOUT));
-    assert_eq!(
-        d.must(lab.seen_source(family)),
-        family.preferred(),
-        "after the repair{}",
-        d.context()
-    );
+    d.assert_upstream_sees(family, family.preferred(), "after the repair");
     let mut last = None;
     let in_sync = poll_until(REPAIR_TIMEOUT, || {
         let view = d.must(d.get_rules());

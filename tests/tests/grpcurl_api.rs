@@ -80,12 +80,7 @@ fn grpcurl_set_egress_switches_source_for_both_families_and_back() {
     let lab = Lab::new().unwrap();
     let d = own_daemon(&lab);
     for family in Family::ALL {
-        assert_eq!(
-            d.must(lab.seen_source(family)),
-            family.primary(),
-            "{}",
-            d.context()
-        );
+        d.assert_upstream_sees(family, family.primary(), "");
     }
 
     // IPv6 first, and a second IPv4 address that is ignored with a warning.
@@ -103,12 +98,7 @@ fn grpcurl_set_egress_switches_source_for_both_families_and_back() {
             "the reply shows the programmed SNAT rule: {:#}",
             set.raw
         );
-        assert_eq!(
-            d.must(lab.seen_source(family)),
-            family.preferred(),
-            "{}",
-            d.context()
-        );
+        d.assert_upstream_sees(family, family.preferred(), "");
     }
     assert!(
         set.raw["warnings"]
@@ -133,11 +123,6 @@ fn grpcurl_set_egress_switches_source_for_both_families_and_back() {
     let cleared = RulesView { raw: reply };
     for family in Family::ALL {
         assert_eq!(cleared.egress(family), "", "{:#}", cleared.raw);
-        assert_eq!(
-            d.must(lab.seen_source(family)),
-            family.primary(),
-            "{}",
-            d.context()
-        );
+        d.assert_upstream_sees(family, family.primary(), "");
     }
 }

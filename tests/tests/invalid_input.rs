@@ -78,12 +78,7 @@ fn cli_refuses_invalid_addresses_and_changes_nothing(backend: Backend) {
         d.context()
     );
     for family in Family::ALL {
-        assert_eq!(
-            d.must(lab.seen_source(family)),
-            family.preferred(),
-            "{}",
-            d.context()
-        );
+        d.assert_upstream_sees(family, family.preferred(), "");
     }
 }
 

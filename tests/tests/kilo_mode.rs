@@ -76,12 +76,7 @@ fn snat_sits_directly_before_kg_masquerade_until_cleared(family: Family, backend
         "nothing chosen, nothing written{}",
         d.context()
     );
-    assert_eq!(
-        d.must(lab.seen_source(family)),
-        family.primary(),
-        "kg's MASQUERADE{}",
-        d.context()
-    );
+    d.assert_upstream_sees(family, family.primary(), "kg's MASQUERADE");
 
     d.must(d.cli_ok(&["set", family.preferred()]));
     let chain = d.must(ipt.rules("KILO-NAT"));
@@ -91,12 +86,7 @@ fn snat_sits_directly_before_kg_masquerade_until_cleared(family: Family, backend
             d.context()
         );
     }
-    assert_eq!(
-        d.must(lab.seen_source(family)),
-        family.preferred(),
-        "{}",
-        d.context()
-    );
+    d.assert_upstream_sees(family, family.preferred(), "");
     assert!(
         d.must(ipt.rules("POSTROUTING")) == [kg.jump_rule()],
         "kilo mode adds no jump of its own{}",
@@ -110,12 +100,7 @@ fn snat_sits_directly_before_kg_masquerade_until_cleared(family: Family, backend
         "clear leaves exactly kg's rules{}",
         d.context()
     );
-    assert_eq!(
-        d.must(lab.seen_source(family)),
-        family.primary(),
-        "{}",
-        d.context()
-    );
+    d.assert_upstream_sees(family, family.primary(), "");
     assert_eq!(
         d.must(other.nat_dump()),
         other_before,
@@ -141,12 +126,7 @@ fn snat_comes_back_after_kg_flushes_and_rebuilds_chain(family: Family, backend: 
             ipt.wait_for_nat_dump(&with_snat, REPAIR_TIMEOUT)
                 .map_err(|e| e.context(format!("round {round}"))),
         );
-        assert_eq!(
-            d.must(lab.seen_source(family)),
-            family.preferred(),
-            "round {round}{}",
-            d.context()
-        );
+        d.assert_upstream_sees(family, family.preferred(), "round {round}");
     }
 }
 for_each_variant!(snat_comes_back_after_kg_flushes_and_rebuilds_chain: nft, legacy);
@@ -171,12 +151,7 @@ fn snat_moves_back_before_masquerade_after_kg_reappends_its_rules(
         family.preferred(),
     ));
     d.must(ipt.wait_for_nat_dump(&with_snat, REPAIR_TIMEOUT));
-    assert_eq!(
-        d.must(lab.seen_source(family)),
-        family.preferred(),
-        "{}",
-        d.context()
-    );
+    d.assert_upstream_sees(family, family.preferred(), "");
 }
 for_each_variant!(snat_moves_back_before_masquerade_after_kg_reappends_its_rules: nft, legacy);
 
@@ -199,7 +174,7 @@ fn cleanup_removes_only_the_snat_rule(family: Family, backend: Backend) {
         kg_only,
         "cleanup leaves exactly kg's rules\n{out}"
     );
-    assert_eq!(d.must(lab.seen_source(family)), family.primary());
+    d.assert_upstream_sees(family, family.primary(), "");
 }
 for_each_variant!(cleanup_removes_only_the_snat_rule: nft, legacy);
 
@@ -224,12 +199,7 @@ fn snat_appears_once_kg_writes_masquerade(family: Family, backend: Backend) {
         &kg,
         family.preferred(),
     ));
-    assert_eq!(
-        d.must(lab.seen_source(family)),
-        family.preferred(),
-        "{}",
-        d.context()
-    );
+    d.assert_upstream_sees(family, family.preferred(), "");
     let view = d.must(d.get_rules());
     assert_eq!(view.mode(), "MODE_KILO", "{:#}", view.raw);
     assert_eq!(view.egress(family), family.preferred(), "{:#}", view.raw);

@@ -91,19 +91,9 @@ fn jump_comes_first_and_chain_returns_then_snats(family: Family, backend: Backen
         .arg("--no-nat-cidr")
         .arg(no_nat_cidr(family));
     let d = lab.start_daemon(config).unwrap();
-    assert_eq!(
-        d.must(lab.seen_source(family)),
-        family.primary(),
-        "{}",
-        d.context()
-    );
+    d.assert_upstream_sees(family, family.primary(), "");
     d.must(d.cli_ok(&["set", family.preferred()]));
-    assert_eq!(
-        d.must(lab.seen_source(family)),
-        family.preferred(),
-        "{}",
-        d.context()
-    );
+    d.assert_upstream_sees(family, family.preferred(), "");
 
     let postrouting = d.must(ipt.rules("POSTROUTING"));
     let jump_prefix = format!(
@@ -165,12 +155,10 @@ fn set_with_two_addresses_of_one_family_uses_the_first() {
         "extra addresses are ignored, not an error: {out}"
     );
     for family in Family::ALL {
-        assert_eq!(
-            d.must(lab.seen_source(family)),
+        d.assert_upstream_sees(
+            family,
             family.preferred(),
-            "the first {} address wins{}",
-            family.name(),
-            d.context()
+            &format!("the first {} address wins", family.name()),
         );
     }
     let view = d.must(d.get_rules());

@@ -33,12 +33,7 @@ fn rules_stay_on_sigterm_and_restart_keeps_choice_without_client(family: Family,
         "{:#}",
         view.raw
     );
-    assert_eq!(
-        d.must(lab.seen_source(family)),
-        family.preferred(),
-        "{}",
-        d.context()
-    );
+    d.assert_upstream_sees(family, family.preferred(), "");
 }
 for_each_variant!(rules_stay_on_sigterm_and_restart_keeps_choice_without_client: nft, legacy);
 
@@ -75,12 +70,7 @@ fn stored_choice_is_programmed_before_api_serves(family: Family, backend: Backen
     d.must(ready);
     let view = d.must(d.get_rules());
     assert_eq!(view.egress(family), family.preferred(), "{:#}", view.raw);
-    assert_eq!(
-        d.must(lab.seen_source(family)),
-        family.preferred(),
-        "{}",
-        d.context()
-    );
+    d.assert_upstream_sees(family, family.preferred(), "");
 }
 for_each_variant!(stored_choice_is_programmed_before_api_serves: nft, legacy);
 
@@ -111,12 +101,7 @@ fn kilo_mode_restart_puts_snat_back_before_api_serves(family: Family, backend: B
         "the stored choice is in the kernel when the API serves{}",
         d.context()
     );
-    assert_eq!(
-        d.must(lab.seen_source(family)),
-        family.preferred(),
-        "{}",
-        d.context()
-    );
+    d.assert_upstream_sees(family, family.preferred(), "");
 }
 for_each_variant!(kilo_mode_restart_puts_snat_back_before_api_serves: nft);
 
@@ -150,11 +135,10 @@ fn corrupt_state_file_is_moved_aside_and_masquerade_is_used(family: Family, back
         1,
         "the corrupt file is kept aside for inspection"
     );
-    assert_eq!(
-        d.must(lab.seen_source(family)),
+    d.assert_upstream_sees(
+        family,
         family.primary(),
-        "MASQUERADE until the pair is set again{}",
-        d.context()
+        "MASQUERADE until the pair is set again",
     );
     let view = d.must(d.get_rules());
     assert_eq!(view.egress(family), "", "{:#}", view.raw);
