@@ -2,13 +2,14 @@
 //!
 //! The data flows one way: a request is parsed into a validated pair of addresses ([`service`]),
 //! the engine decides the desired rules ([`rules`], pure) and applies them in one transaction per
-//! family ([`netfilter`]); it keeps them in place against drift and stores the accepted state
-//! ([`state`]). [`server`] puts the gRPC API, health and reflection on a socket ([`listen`]).
+//! family ([`netfilter`]); it keeps them in place against drift, told of changes by
+//! [`nftwatch`], and stores the accepted state ([`state`]). [`server`] puts the gRPC API, health and reflection on a socket ([`listen`]).
 #![forbid(unsafe_code)]
 
 pub mod engine;
 pub mod listen;
 pub mod netfilter;
+pub mod nftwatch;
 pub mod rules;
 pub mod server;
 pub mod service;

@@ -145,6 +145,17 @@ impl<'lab> Daemon<'lab> {
             "--listen".to_owned(),
             self.server_url(),
         ];
+        // On nft, drift must be repaired through change notifications: the periodic safety
+        // check is pushed out of every test's reach unless a test sets it.
+        if self.config.backend == Backend::Nft
+            && !self
+                .config
+                .args
+                .iter()
+                .any(|a| a.starts_with("--safety-check-interval"))
+        {
+            args.extend(["--safety-check-interval".to_owned(), "1h".to_owned()]);
+        }
         args.extend(self.config.args.iter().cloned());
         args
     }
@@ -340,11 +351,16 @@ impl<'lab> Daemon<'lab> {
     }
 
     /// Like [`Daemon::cli`], but fails (with the daemon's log) unless the CLI exits 0; returns
-    /// its stdout.
+    /// its stdout. After a `set` or `clear` it also waits until the change has settled: the reply
+    /// comes once the new decision is in force, and the rules it shadowed are removed right
+    /// after; a GetRules call is answered only once that is done.
     pub fn cli_ok(&self, args: &[&str]) -> anyhow::Result<String> {
         let out = self.cli(args)?;
         if !out.success() {
             bail!("{out}{}", self.context());
+        }
+        if matches!(args.first(), Some(&"set" | &"clear")) && !args.contains(&"--dry-run") {
+            self.get_rules()?;
         }
         Ok(out.stdout)
     }
@@ -448,6 +464,21 @@ impl RulesView {
     /// The mode, e.g. "MODE_OWN".
     pub fn mode(&self) -> &str {
         self.raw["mode"].as_str().unwrap_or_default()
+    }
+
+    /// How drift is detected, e.g. "nftables change notifications, safety check every 1h".
+    pub fn drift_detection(&self) -> &str {
+        self.raw["driftDetection"].as_str().unwrap_or_default()
+    }
+
+    /// Why the backend was chosen.
+    pub fn backend_reason(&self) -> &str {
+        self.raw["backendReason"].as_str().unwrap_or_default()
+    }
+
+    /// iptables-restore transactions committed since the daemon started.
+    pub fn kernel_transactions(&self) -> u64 {
+        json_u64(&self.raw["kernelTransactions"])
     }
 
     /// The backend, "nft" or "legacy".
