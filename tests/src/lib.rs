@@ -12,16 +12,19 @@
 //! * [`Daemon`] starts, stops and restarts `kilo-egressd` in the node namespace and drives it with
 //!   the `kilo-egress` CLI or `grpcurl`.
 //! * [`KgAgent`] writes KILO-NAT the way Kilo's agent (kg) does, for kilo mode.
+//! * [`BusyNode`] fills the nat table like kube-proxy on a busy node (20,000 rules).
 //!
 //! Tests need root; [`require_root`] skips them loudly (or fails them when `CI=true`).
 
 #![forbid(unsafe_code)]
 
+pub mod busy;
 pub mod cmd;
 pub mod daemon;
 pub mod kg;
 pub mod lab;
 
+pub use busy::BusyNode;
 pub use cmd::Captured;
 pub use daemon::{Daemon, DaemonConfig, Mode, RulesView};
 pub use kg::KgAgent;
