@@ -40,8 +40,10 @@ impl Mode {
 pub struct DaemonConfig {
     /// `--mode`.
     pub mode: Mode,
-    /// `--iptables-backend`.
+    /// `--iptables-backend`, and the backend the test helpers read.
     pub backend: Backend,
+    /// Pass `--iptables-backend auto` instead: the daemon must find `backend` itself.
+    pub auto_backend: bool,
     /// Further arguments, e.g. `--source-cidr 10.44.0.0/24`.
     pub args: Vec<String>,
 }
@@ -57,6 +59,7 @@ impl DaemonConfig {
         DaemonConfig {
             mode: Mode::Own,
             backend,
+            auto_backend: false,
             args,
         }
     }
@@ -66,8 +69,15 @@ impl DaemonConfig {
         DaemonConfig {
             mode: Mode::Kilo,
             backend,
+            auto_backend: false,
             args: Vec::new(),
         }
+    }
+
+    /// Starts with `--iptables-backend auto`; `backend` is what the daemon should detect.
+    pub fn auto_backend(mut self) -> Self {
+        self.auto_backend = true;
+        self
     }
 
     /// Adds one argument.
@@ -139,7 +149,11 @@ impl<'lab> Daemon<'lab> {
             "--mode".to_owned(),
             self.config.mode.name().to_owned(),
             "--iptables-backend".to_owned(),
-            self.config.backend.name().to_owned(),
+            if self.config.auto_backend {
+                "auto".to_owned()
+            } else {
+                self.config.backend.name().to_owned()
+            },
             "--state-dir".to_owned(),
             self.state_dir.display().to_string(),
             "--listen".to_owned(),
