@@ -197,6 +197,8 @@ pub struct Engine {
     notifications: Result<(), String>,
     /// Committed transactions since start.
     transactions: u64,
+    /// Kilo mode: families whose POSTROUTING held no jump of ours when read.
+    postrouting_clean: BTreeSet<Family>,
 }
 
 /// What one reconcile of one family did.
@@ -275,6 +277,7 @@ impl Engine {
             pending_tidy: Vec::new(),
             notifications,
             transactions: 0,
+            postrouting_clean: BTreeSet::new(),
         };
         engine.remove_leftovers();
         engine.resync("start");
@@ -427,10 +430,18 @@ impl Engine {
             return Ok(known.clone());
         }
         let chain = self.netfilter.read_chain(family, KILO_NAT)?;
-        let postrouting = self
-            .netfilter
-            .read_chain(family, POSTROUTING)?
-            .unwrap_or_default();
+        // Kilo mode writes nothing in POSTROUTING; it only removes jumps an earlier own-mode
+        // run left there, which can exist only at start. Once seen clean it is not read again.
+        let postrouting = if self.postrouting_clean.contains(&family) {
+            Vec::new()
+        } else {
+            self.netfilter
+                .read_chain(family, POSTROUTING)?
+                .unwrap_or_default()
+        };
+        if !self.config.mode.owns_chain() && !postrouting.iter().any(|r| r.rule.is_owned()) {
+            self.postrouting_clean.insert(family);
+        }
         let observed = observed_rules(&chain, &postrouting);
         self.known.insert(family, observed.clone());
         Ok(observed)

@@ -395,7 +395,12 @@ impl<'lab> Daemon<'lab> {
         full.extend_from_slice(flags);
         full.push(&socket);
         full.extend_from_slice(verb);
-        cmd::run_in(&self.lab.node, "grpcurl", &full)
+        let out = cmd::run_in(&self.lab.node, "grpcurl", &full)?;
+        // Like `cli_ok`: wait until a change has settled (shadowed rules removed).
+        if out.success() && verb.iter().any(|v| v.ends_with("/SetEgress")) {
+            self.get_rules()?;
+        }
+        Ok(out)
     }
 
     /// Like [`Daemon::grpcurl`] with a JSON request body, failing unless grpcurl exits 0;

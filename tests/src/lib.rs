@@ -128,6 +128,29 @@ pub fn bin_path(name: &str) -> PathBuf {
     path
 }
 
+/// Expands `for_each_backend!(case)` into `case::nft` and `case::legacy` tests that call
+/// `case(Backend)` once [`require_root`] allows it.
+#[macro_export]
+macro_rules! for_each_backend {
+    ($case:ident) => {
+        mod $case {
+            #[test]
+            fn nft() {
+                if $crate::require_root(concat!(module_path!(), "::nft")) {
+                    super::$case($crate::Backend::Nft);
+                }
+            }
+
+            #[test]
+            fn legacy() {
+                if $crate::require_root(concat!(module_path!(), "::legacy")) {
+                    super::$case($crate::Backend::Legacy);
+                }
+            }
+        }
+    };
+}
+
 /// Generates one `#[test]` per backend and family for a test case
 /// `fn case(family: Family, backend: Backend)`: `for_each_variant!(case: nft, legacy);` defines
 /// `case::nft::ipv4`, `case::nft::ipv6`, `case::legacy::ipv4` and `case::legacy::ipv6`. Each test
