@@ -1080,6 +1080,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let handle = start(&fake, dir.path());
         handle.set(set(&["198.51.100.20"])).await.unwrap();
+        handle.status().await.unwrap(); // the shadowed rule is gone
         let before = fake.chain(Family::Ipv4, KILO_NAT);
         let mut stale = set(&["198.51.100.99"]);
         stale.expected_generation = Some(0);
@@ -1155,6 +1156,7 @@ mod tests {
             .unwrap()
             .0;
         handle.set(set(&["198.51.100.20"])).await.unwrap();
+        handle.status().await.unwrap(); // the shadowed rule is gone
         let good = fake.chain(Family::Ipv4, KILO_NAT);
         fake.tamper(Family::Ipv4, |t| {
             t.get_mut(KILO_NAT).unwrap().clear();
@@ -1175,6 +1177,7 @@ mod tests {
             .set(set(&["198.51.100.20", "2001:db8::20"]))
             .await
             .unwrap();
+        handle.status().await.unwrap(); // the shadowed rules are gone
         let saved = std::fs::read(dir.path().join("state.json")).unwrap();
         let ipv4_before = fake.chain(Family::Ipv4, KILO_NAT);
         // IPv4 applies first and succeeds; IPv6 then fails because its POSTROUTING vanished.
@@ -1186,6 +1189,7 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(err, EngineError::Apply(_)), "{err}");
+        handle.status().await.unwrap(); // the rollback has settled
         assert_eq!(std::fs::read(dir.path().join("state.json")).unwrap(), saved);
         assert_eq!(handle.status().await.unwrap().generation, 1);
         assert_eq!(

@@ -110,7 +110,7 @@ fn grpcurl_set_egress_switches_source_for_both_families_and_back(backend: Backen
         raw: d.must(d.grpcurl_call(GET, "{}")),
     };
     assert_eq!(get.mode(), "MODE_OWN", "{:#}", get.raw);
-    assert_eq!(get.backend(), "nft", "{:#}", get.raw);
+    assert_eq!(get.backend(), backend.name(), "{:#}", get.raw);
     assert!(get.in_sync(), "{:#}", get.raw);
     assert_eq!(get.generation(), set.generation(), "{:#}", get.raw);
     for family in Family::ALL {
