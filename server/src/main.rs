@@ -227,6 +227,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         safety_check_interval: args.safety_check_interval,
         kernel_notifications: args.kernel_notifications,
         backend_reason,
+        notification_debounce: engine::NOTIFICATION_DEBOUNCE,
         families: args.ip_families.clone(),
     };
     let (handle, _engine) = tokio::task::spawn_blocking(move || {

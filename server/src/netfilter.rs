@@ -232,6 +232,11 @@ pub trait Netfilter: Send + Sync {
     fn restore(&self, family: Family, input: &str) -> Result<(), NetfilterError>;
     /// The backend name reported to users.
     fn backend_name(&self) -> &'static str;
+    /// The netlink port id under which the last successful restore changed the kernel (for
+    /// iptables-nft, the process id of the restore tool), to recognise its own notifications.
+    fn last_writer(&self) -> Option<u32> {
+        None
+    }
     /// Starts forwarding change notifications of the nat chains of interest to `forward`, or
     /// says why this backend has none (legacy x_tables sends none; polling stays).
     fn watch_changes(&self, forward: ChangeForwarder) -> Result<(), String> {
@@ -249,6 +254,7 @@ pub type ChangeForwarder = Box<dyn FnMut(KernelEvent) -> bool + Send>;
 /// The real kernel, through the iptables tools of one backend.
 pub struct IptablesCli {
     backend: Backend,
+    last_writer: std::sync::atomic::AtomicU32,
     ipv4: iptables::IPTables,
     ipv6: iptables::IPTables,
 }
@@ -275,6 +281,7 @@ impl IptablesCli {
         }
         Ok(IptablesCli {
             backend,
+            last_writer: std::sync::atomic::AtomicU32::new(0),
             ipv4: tool(Family::Ipv4),
             ipv6: tool(Family::Ipv6),
         })
@@ -348,8 +355,10 @@ impl Netfilter for IptablesCli {
         if let Some(mut stdin) = child.stdin.take() {
             stdin.write_all(input.as_bytes()).map_err(spawn_error)?;
         }
+        let pid = child.id();
         let output = child.wait_with_output().map_err(spawn_error)?;
         if output.status.success() {
+            self.last_writer.store(pid, Ordering::SeqCst);
             return Ok(());
         }
         let stderr = String::from_utf8_lossy(&output.stderr).trim().to_string();
@@ -362,6 +371,10 @@ impl Netfilter for IptablesCli {
 
     fn backend_name(&self) -> &'static str {
         self.backend.name()
+    }
+
+    fn last_writer(&self) -> Option<u32> {
+        Some(self.last_writer.load(Ordering::SeqCst)).filter(|pid| *pid != 0)
     }
 
     fn watch_changes(&self, forward: ChangeForwarder) -> Result<(), String> {
@@ -443,11 +456,21 @@ impl FakeNetfilter {
         }
     }
 
-    fn announce(&self, family: Family) {
+    /// Tells the subscriber that `family` changed, by `writer` (the fake's restores write as
+    /// [`FakeNetfilter::RESTORE_WRITER`], tampering as another port id).
+    fn announce(&self, family: Family, writer: u32) {
         if let Some(forward) = self.subscriber.lock().unwrap().as_mut() {
-            forward(KernelEvent::Changed([family].into_iter().collect()));
+            forward(KernelEvent::Changed {
+                families: [family].into_iter().collect(),
+                writers: [writer].into_iter().collect(),
+            });
         }
     }
+
+    /// The port id under which the fake's restores announce their changes.
+    pub const RESTORE_WRITER: u32 = 4242;
+    /// The port id under which tampering is announced.
+    pub const TAMPER_WRITER: u32 = 666;
 
     /// How many chains were read.
     pub fn reads(&self) -> usize {
@@ -488,7 +511,7 @@ impl FakeNetfilter {
     /// Changes the table behind the service's back (as another agent or an operator would).
     pub fn tamper(&self, family: Family, edit: impl FnOnce(&mut BTreeMap<String, Vec<String>>)) {
         edit(self.tables.lock().unwrap().get_mut(&family).unwrap());
-        self.announce(family);
+        self.announce(family, FakeNetfilter::TAMPER_WRITER);
     }
 
     fn apply(table: &mut BTreeMap<String, Vec<String>>, input: &str) -> Result<(), String> {
@@ -627,12 +650,16 @@ impl Netfilter for FakeNetfilter {
             .lock()
             .unwrap()
             .push((family, input.to_string()));
-        self.announce(family);
+        self.announce(family, FakeNetfilter::RESTORE_WRITER);
         Ok(())
     }
 
     fn backend_name(&self) -> &'static str {
         "fake"
+    }
+
+    fn last_writer(&self) -> Option<u32> {
+        (self.transactions() > 0).then_some(FakeNetfilter::RESTORE_WRITER)
     }
 
     fn watch_changes(&self, forward: ChangeForwarder) -> Result<(), String> {

@@ -45,15 +45,23 @@ const RECEIVE_BUFFER: usize = 4 << 20;
 pub enum KernelEvent {
     /// Something changed in these families' nat chains of interest (both when messages were
     /// lost and it is not known which).
-    Changed(BTreeSet<Family>),
+    Changed {
+        /// The families whose chains changed.
+        families: BTreeSet<Family>,
+        /// The netlink port ids of the writers (for iptables-nft, the process id of the tool);
+        /// empty when unknown.
+        writers: BTreeSet<u32>,
+    },
     /// The socket failed; no more notifications will come.
     Lost(String),
 }
 
-/// The families whose `KILO-NAT` or `POSTROUTING` (or whole nat table) a datagram of nfnetlink
-/// messages changes. Malformed or unrelated messages are skipped.
-pub fn relevant_families(datagram: &[u8]) -> BTreeSet<Family> {
+/// The changes a datagram of nfnetlink messages makes to `KILO-NAT` or `POSTROUTING` (or the
+/// whole nat table): the families, and the port ids of the writers. Malformed or unrelated
+/// messages are skipped.
+pub fn relevant_changes(datagram: &[u8]) -> (BTreeSet<Family>, BTreeSet<u32>) {
     let mut families = BTreeSet::new();
+    let mut writers = BTreeSet::new();
     let mut rest = datagram;
     while rest.len() >= NLMSG_HDRLEN {
         let length = u32::from_ne_bytes(rest[0..4].try_into().expect("4 bytes")) as usize;
@@ -61,12 +69,14 @@ pub fn relevant_families(datagram: &[u8]) -> BTreeSet<Family> {
             break;
         }
         let kind = u16::from_ne_bytes(rest[4..6].try_into().expect("2 bytes"));
+        let port = u32::from_ne_bytes(rest[12..16].try_into().expect("4 bytes"));
         if let Some(family) = relevant_message(kind, &rest[NLMSG_HDRLEN..length]) {
             families.insert(family);
+            writers.insert(port);
         }
         rest = &rest[align4(length).min(rest.len())..];
     }
-    families
+    (families, writers)
 }
 
 /// The family a single nf_tables message changes, when it touches a chain of interest.
@@ -146,16 +156,18 @@ impl Subscription {
                 loop {
                     let event = match self.socket.recv(&mut &mut buffer[..], 0) {
                         Ok(length) => {
-                            let families = relevant_families(&buffer[..length]);
+                            let (families, writers) = relevant_changes(&buffer[..length]);
                             if families.is_empty() {
                                 continue;
                             }
-                            KernelEvent::Changed(families)
+                            KernelEvent::Changed { families, writers }
                         }
-                        // The kernel dropped messages: which chains changed is unknown.
-                        Err(e) if e.raw_os_error() == Some(ENOBUFS) => {
-                            KernelEvent::Changed(Family::ALL.into_iter().collect())
-                        }
+                        // The kernel dropped messages: which chains changed, and who changed
+                        // them, is unknown.
+                        Err(e) if e.raw_os_error() == Some(ENOBUFS) => KernelEvent::Changed {
+                            families: Family::ALL.into_iter().collect(),
+                            writers: BTreeSet::new(),
+                        },
                         Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                         Err(e) => {
                             forward(KernelEvent::Lost(e.to_string()));
@@ -177,6 +189,9 @@ impl Subscription {
 mod tests {
     use super::*;
 
+    /// The port id of the tool that made the change (iptables-nft's process id).
+    const WRITER: u32 = 4242;
+
     /// Builds one nfnetlink message as the kernel sends it.
     fn message(kind: u16, family: u8, attrs: &[(u16, &str)]) -> Vec<u8> {
         let mut body = vec![family, 0, 0, 0];
@@ -193,7 +208,8 @@ mod tests {
         let mut msg = Vec::new();
         msg.extend(((NLMSG_HDRLEN + body.len()) as u32).to_ne_bytes());
         msg.extend(((NFNL_SUBSYS_NFTABLES << 8) | kind).to_ne_bytes());
-        msg.extend([0u8; 10]);
+        msg.extend([0u8; 6]); // flags, sequence number
+        msg.extend(WRITER.to_ne_bytes());
         msg.extend(body);
         msg
     }
@@ -209,11 +225,11 @@ mod tests {
     #[test]
     fn rule_changes_in_our_chains_count() {
         assert_eq!(
-            relevant_families(&rule(NFPROTO_IPV4, "nat", "KILO-NAT")),
-            BTreeSet::from([Family::Ipv4])
+            relevant_changes(&rule(NFPROTO_IPV4, "nat", "KILO-NAT")),
+            (BTreeSet::from([Family::Ipv4]), BTreeSet::from([WRITER]))
         );
         assert_eq!(
-            relevant_families(&rule(NFPROTO_IPV6, "nat", "POSTROUTING")),
+            relevant_changes(&rule(NFPROTO_IPV6, "nat", "POSTROUTING")).0,
             BTreeSet::from([Family::Ipv6])
         );
     }
@@ -226,7 +242,7 @@ mod tests {
             rule(1, "nat", "KILO-NAT"),
             message(15, NFPROTO_IPV4, &[]),
         ] {
-            assert!(relevant_families(&msg).is_empty(), "{msg:?}");
+            assert!(relevant_changes(&msg).0.is_empty(), "{msg:?}");
         }
     }
 
@@ -241,7 +257,7 @@ mod tests {
         let mut both = chain.clone();
         both.extend(&table);
         assert_eq!(
-            relevant_families(&both),
+            relevant_changes(&both).0,
             BTreeSet::from([Family::Ipv4, Family::Ipv6])
         );
     }
@@ -249,7 +265,7 @@ mod tests {
     #[test]
     fn truncated_input_is_ignored() {
         let msg = rule(NFPROTO_IPV4, "nat", "KILO-NAT");
-        assert!(relevant_families(&msg[..msg.len() - 6]).is_empty());
-        assert!(relevant_families(&[1, 2, 3]).is_empty());
+        assert!(relevant_changes(&msg[..msg.len() - 6]).0.is_empty());
+        assert!(relevant_changes(&[1, 2, 3]).0.is_empty());
     }
 }
