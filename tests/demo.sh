@@ -172,6 +172,15 @@ show_chain() {
 
 cli() { in_ns "$NODE" "$BIN/kilo-egress" --server "unix://$SOCK" "$@"; }
 
+show_switch() { # the chain right after the reply, then once the shadowed rule is gone
+    show_chain
+    say "The reply came once the new decision rule was in, inserted in front of the old one (an add-only"
+    say "transaction: traffic never saw a missing decision). The old rule, now shadowed, is deleted 100 ms"
+    say "later (if it still shows above). After that:"
+    cli get >/dev/null # GetRules waits for that tidy-up
+    show_chain
+}
+
 # DEMO_CLIENT=cli makes the demo use the kilo-egress CLI even when grpcurl is there.
 set_egress() { # set_egress JSON-LIST: SetEgress through grpcurl when present, else the CLI
     if [[ ${DEMO_CLIENT:-grpcurl} != cli ]] && command -v grpcurl >/dev/null 2>&1; then
@@ -226,7 +235,7 @@ say "The kernel picked the uplink's primary addresses; the preferred ones are ne
 
 heading "Step 3: choose the egress addresses with SetEgress"
 set_egress '["198.51.100.20", "2001:db8:2::20"]'
-show_chain
+show_switch
 expect_sources 198.51.100.20 2001:db8:2::20
 
 heading "Step 4: what kilo-egress get reports"
@@ -235,7 +244,7 @@ cli get | sed 's/^/    /'
 
 heading "Step 5: clear the choice -> MASQUERADE again"
 set_egress '[]'
-show_chain
+show_switch
 expect_sources 192.0.2.10 2001:db8:1::10
 
 heading "Result"
