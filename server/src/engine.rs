@@ -798,14 +798,8 @@ impl Engine {
                     .iter()
                     .filter(|r| r.is_owned())
                     .chain(applied.settled.kilo_nat.iter().flatten())
-                    .map(|rule| ReportedRule {
-                        owned: rule.is_owned(),
-                        observed: ObservedRule {
-                            rule: rule.clone(),
-                            packets: 0,
-                            bytes: 0,
-                        },
-                    })
+                    .cloned()
+                    .map(without_counters)
                     .collect();
                 family_report(family, addr, rules, &drift, applied.desired.waiting)
             })
@@ -853,14 +847,7 @@ impl Engine {
                 family,
                 rules: desired_rules(&read.desired)
                     .into_iter()
-                    .map(|rule| ReportedRule {
-                        owned: rule.is_owned(),
-                        observed: ObservedRule {
-                            rule,
-                            packets: 0,
-                            bytes: 0,
-                        },
-                    })
+                    .map(without_counters)
                     .collect(),
                 in_sync,
                 status,
@@ -924,6 +911,18 @@ enum Freshness {
     Known,
     /// Read the kernel.
     Read,
+}
+
+/// A rule reported before the kernel has counted anything for it (planned, not read).
+fn without_counters(rule: Rule) -> ReportedRule {
+    ReportedRule {
+        owned: rule.is_owned(),
+        observed: ObservedRule {
+            rule,
+            packets: 0,
+            bytes: 0,
+        },
+    }
 }
 
 fn count_rule_lines(transaction: &str) -> usize {
@@ -1301,6 +1300,20 @@ mod tests {
         }
     }
 
+    /// An engine on a notifying fake with SNAT to 198.51.100.20 programmed and settled.
+    async fn notified_engine_with_snat() -> (Arc<FakeNetfilter>, tempfile::TempDir, EngineHandle) {
+        let fake = Arc::new(FakeNetfilter::with_change_notifications());
+        let dir = tempfile::tempdir().unwrap();
+        let handle = start_notified(&fake, dir.path());
+        handle.set(set(&["198.51.100.20"])).await.unwrap();
+        handle.status().await.unwrap();
+        assert_eq!(
+            fake.chain(Family::Ipv4, KILO_NAT),
+            snat_only("198.51.100.20")
+        );
+        (fake, dir, handle)
+    }
+
     fn snat_only(addr: &str) -> Option<Vec<String>> {
         let rule = rules::snat_rule(addr.parse().unwrap());
         Some(vec![rule.spec()])
@@ -1308,14 +1321,7 @@ mod tests {
 
     #[tokio::test]
     async fn switch_commits_add_only_then_removes_the_shadowed_rule() {
-        let fake = Arc::new(FakeNetfilter::with_change_notifications());
-        let dir = tempfile::tempdir().unwrap();
-        let handle = start_notified(&fake, dir.path());
-        handle.set(set(&["198.51.100.20"])).await.unwrap();
-        wait_for("the first switch to settle", || {
-            fake.chain(Family::Ipv4, KILO_NAT) == snat_only("198.51.100.20")
-        })
-        .await;
+        let (fake, _dir, handle) = notified_engine_with_snat().await;
         let before = fake.committed().len();
         let outcome = handle.set(set(&["198.51.100.99"])).await.unwrap();
         assert!(outcome.rules[0].in_sync, "{:?}", outcome.rules[0]);
@@ -1353,14 +1359,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_notified_change_is_repaired_without_polling() {
-        let fake = Arc::new(FakeNetfilter::with_change_notifications());
-        let dir = tempfile::tempdir().unwrap();
-        let handle = start_notified(&fake, dir.path());
-        handle.set(set(&["198.51.100.20"])).await.unwrap();
-        wait_for("settle", || {
-            fake.chain(Family::Ipv4, KILO_NAT) == snat_only("198.51.100.20")
-        })
-        .await;
+        let (fake, _dir, handle) = notified_engine_with_snat().await;
         fake.tamper(Family::Ipv4, |t| {
             t.get_mut(KILO_NAT).unwrap().clear();
         });
@@ -1379,14 +1378,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_foreign_change_costs_a_read_and_no_write() {
-        let fake = Arc::new(FakeNetfilter::with_change_notifications());
-        let dir = tempfile::tempdir().unwrap();
-        let handle = start_notified(&fake, dir.path());
-        handle.set(set(&["198.51.100.20"])).await.unwrap();
-        wait_for("settle", || {
-            fake.chain(Family::Ipv4, KILO_NAT) == snat_only("198.51.100.20")
-        })
-        .await;
+        let (fake, _dir, handle) = notified_engine_with_snat().await;
         // Let the re-check of our own write happen first.
         let status = handle.status().await.unwrap();
         assert!(status.in_sync);
@@ -1407,14 +1399,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_switch_on_outdated_knowledge_still_ends_right() {
-        let fake = Arc::new(FakeNetfilter::with_change_notifications());
-        let dir = tempfile::tempdir().unwrap();
-        let handle = start_notified(&fake, dir.path());
-        handle.set(set(&["198.51.100.20"])).await.unwrap();
-        wait_for("settle", || {
-            fake.chain(Family::Ipv4, KILO_NAT) == snat_only("198.51.100.20")
-        })
-        .await;
+        let (fake, _dir, handle) = notified_engine_with_snat().await;
         handle.status().await.unwrap();
         // A change whose notification was lost: the engine's knowledge is outdated.
         fake.tamper_silently(Family::Ipv4, |t| {
