@@ -11,7 +11,8 @@ use std::time::Duration;
 #[derive(Parser)]
 #[command(name = "kilo-egress", version)]
 struct Cli {
-    /// kilo-egressd's address: unix:///PATH or http://127.0.0.1:PORT.
+    /// kilo-egressd's address: unix:///PATH, http://127.0.0.1:PORT or https://HOST:PORT (with
+    /// --ca, --cert and --key).
     #[arg(
         long,
         global = true,
@@ -22,8 +23,24 @@ struct Cli {
     /// Give up on the server after this long.
     #[arg(long, global = true, default_value = "10s", value_parser = humantime_secs)]
     timeout: Duration,
+    #[command(flatten)]
+    tls: TlsArgs,
     #[command(subcommand)]
     command: Command,
+}
+
+/// Mutual TLS for https:// servers.
+#[derive(clap::Args)]
+struct TlsArgs {
+    /// CA certificate (PEM) that signed the server's certificate.
+    #[arg(long, global = true, env = "KILO_EGRESS_CA", value_name = "FILE")]
+    ca: Option<std::path::PathBuf>,
+    /// This client's certificate (PEM), signed by the server's --client-ca.
+    #[arg(long, global = true, env = "KILO_EGRESS_CERT", value_name = "FILE")]
+    cert: Option<std::path::PathBuf>,
+    /// This client's private key (PEM).
+    #[arg(long, global = true, env = "KILO_EGRESS_KEY", value_name = "FILE")]
+    key: Option<std::path::PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -192,7 +209,13 @@ fn print_rules(response: &api::GetRulesResponse, output: Output) {
 fn report(error: &ClientError) -> ExitCode {
     eprintln!("kilo-egress: {error}");
     match error {
-        ClientError::Address(_) => ExitCode::from(2),
+        ClientError::Address(_) | ClientError::Tls(_) => ExitCode::from(2),
+        ClientError::Status(status) if status.code() == tonic::Code::PermissionDenied => {
+            eprintln!(
+                "  nothing was changed; the server lists the identities that may write with --writer"
+            );
+            ExitCode::from(1)
+        }
         ClientError::Invalid(_) => {
             eprintln!(
                 "  nothing was changed; give one IPv4 and/or one IPv6 address, e.g. kilo-egress set 198.51.100.20 2001:db8::20"
@@ -228,7 +251,12 @@ async fn run(cli: Cli) -> Result<ExitCode, ClientError> {
     if let Command::Set { addrs, .. } = &cli.command {
         kilo_egress_api::egress::parse_egress_list(addrs)?;
     }
-    let mut client = EgressClient::connect(&addr, cli.timeout).await?;
+    let tls = kilo_egress::tls::TlsFiles {
+        ca: cli.tls.ca,
+        cert: cli.tls.cert,
+        key: cli.tls.key,
+    };
+    let mut client = EgressClient::connect_tls(&addr, cli.timeout, &tls).await?;
     match cli.command {
         Command::Set { addrs, write } => {
             let response = client

@@ -12,6 +12,7 @@
 //! * [`Daemon`] starts, stops and restarts `kilo-egressd` in the node namespace and drives it with
 //!   the `kilo-egress` CLI or `grpcurl`.
 //! * [`KgAgent`] writes KILO-NAT the way Kilo's agent (kg) does, for kilo mode.
+//! * [`pki::Pki`] issues CA, server and client certificates at test time for mutual TLS.
 //!
 //! Tests need root; [`require_root`] skips them loudly (or fails them when `CI=true`).
 
@@ -21,6 +22,7 @@ pub mod cmd;
 pub mod daemon;
 pub mod kg;
 pub mod lab;
+pub mod pki;
 
 pub use cmd::Captured;
 pub use daemon::{Daemon, DaemonConfig, Mode, RulesView};
