@@ -14,9 +14,11 @@ arguments. With --json each node's result is printed as one JSON object per line
 """
 
 import argparse
+import atexit
 import importlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 
@@ -33,6 +35,7 @@ def load_stubs(proto_dir):
     import grpc_tools
 
     out = tempfile.mkdtemp(prefix="kilo-egress-stubs-")
+    atexit.register(shutil.rmtree, out, ignore_errors=True)
     well_known = os.path.join(os.path.dirname(grpc_tools.__file__), "_proto")
     rc = protoc.main([
         "grpc_tools.protoc",

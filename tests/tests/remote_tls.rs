@@ -129,6 +129,37 @@ fn remote_writer_sets_egress_reader_is_denied_and_every_call_is_audited() {
         "{out}"
     );
 
+    // A certificate from another CA, and an expired one from the right CA: refused at the
+    // handshake, before any call (so no audit line), and logged with the caller's address.
+    let other = kilo_egress_tests::pki::Pki::new(&tls.dir().join("other"), "other");
+    let stranger = other.client("stranger", WRITER);
+    let expired = tls.pki.expired_client("expired", WRITER);
+    for (who, cert) in [("another CA", &stranger), ("expired", &expired)] {
+        let out = tls.cli(&lab, &tls.pki.ca(), cert, &["set", "198.51.100.21"]);
+        assert!(!out.success(), "{who}: {out}");
+        assert!(!out.stdout.contains("198.51.100.21"), "{who}: {out}");
+    }
+    // Each refusal is logged with the caller's address and rustls' reason.
+    for reason in [
+        "peer sent no certificates",
+        "UnknownIssuer",
+        "certificate expired",
+    ] {
+        let logged = poll_until(Duration::from_secs(5), || {
+            d.log().lines().any(|l| {
+                l.contains("TLS handshake rejected")
+                    && l.contains("192.0.2.1:")
+                    && l.contains(reason)
+            })
+        });
+        assert!(
+            logged,
+            "no rejected handshake logged for {reason:?}{}",
+            d.context()
+        );
+    }
+    d.assert_upstream_sees(Family::V4, "198.51.100.20", "after the refused clients");
+
     // The audit trail: accepted, accepted, denied, denied, invalid, each one JSON line.
     let mut audits = Vec::new();
     let complete = poll_until(Duration::from_secs(5), || {
