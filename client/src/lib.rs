@@ -86,8 +86,9 @@ pub enum ClientError {
         /// Why it failed.
         reason: String,
     },
-    /// The server answered with an error status.
-    #[error("{}: {}", .0.code(), .0.message())]
+    /// The server answered with an error status (or the connection failed during the call,
+    /// e.g. the server refused this client's certificate).
+    #[error("{}: {}{}", .0.code(), .0.message(), causes(.0))]
     Status(#[from] tonic::Status),
 }
 
@@ -96,6 +97,20 @@ pub enum ClientError {
 pub struct EgressClient {
     egress: EgressServiceClient<Channel>,
     health: HealthClient<Channel>,
+}
+
+/// The causes behind a status that are not already in its message, as `: cause: cause`.
+fn causes(status: &tonic::Status) -> String {
+    let mut text = String::new();
+    let mut source = std::error::Error::source(status);
+    while let Some(inner) = source {
+        let cause = inner.to_string();
+        if !status.message().contains(&cause) && !text.contains(&cause) {
+            text = format!("{text}: {cause}");
+        }
+        source = inner.source();
+    }
+    text
 }
 
 fn connect_error(addr: &ServerAddr, error: impl std::error::Error) -> ClientError {

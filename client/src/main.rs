@@ -206,10 +206,28 @@ fn print_rules(response: &api::GetRulesResponse, output: Output) {
 }
 
 /// Maps an error to its exit status and prints what to do next.
-fn report(error: &ClientError) -> ExitCode {
+fn report(error: &ClientError, https: bool) -> ExitCode {
     eprintln!("kilo-egress: {error}");
     match error {
         ClientError::Address(_) | ClientError::Tls(_) => ExitCode::from(2),
+        ClientError::Status(status) if https && error.to_string().contains("transport error") => {
+            eprintln!(
+                "  the TLS connection broke: if the server refused this client's certificate (its log says `TLS handshake rejected` and why), \
+                 --cert and --key must come from the CA the server trusts (its --client-ca) and must not have expired"
+            );
+            if status.code() != tonic::Code::Unknown {
+                eprintln!(
+                    "  a change may still have been applied; run `kilo-egress get` to see the current state"
+                );
+            }
+            ExitCode::from(1)
+        }
+        ClientError::Connect { reason, .. } if reason.contains("invalid peer certificate") => {
+            eprintln!(
+                "  the server's certificate was not accepted: --ca must be the CA that signed it, and it must name the host in --server"
+            );
+            ExitCode::from(1)
+        }
         ClientError::Status(status) if status.code() == tonic::Code::PermissionDenied => {
             eprintln!(
                 "  nothing was changed; the server lists the identities that may write with --writer"
@@ -285,8 +303,9 @@ async fn run(cli: Cli) -> Result<ExitCode, ClientError> {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    let https = cli.server.starts_with("https://");
     match run(cli).await {
         Ok(code) => code,
-        Err(error) => report(&error),
+        Err(error) => report(&error, https),
     }
 }

@@ -178,13 +178,14 @@ async fn handshake(
     // its own SETTINGS. With TLS 1.3 a refused client certificate shows up here, as an alert.
     let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
     hello.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
-    tls.write_all(&hello).await.map_err(|e| e.to_string())?;
+    // A refusal may break this write; the alert is then still waiting to be read.
+    let written = tls.write_all(&hello).await;
     let mut buf = [0u8; 64];
     match tokio::time::timeout(Duration::from_secs(5), tls.read(&mut buf)).await {
         Ok(Ok(n)) if n > 0 => Ok(server_cert),
         Ok(Ok(_)) => Err("connection closed without an answer".into()),
         Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err("no answer within 5 s".into()),
+        Err(_) => Err(format!("no answer within 5 s (write: {written:?})")),
     }
 }
 
