@@ -190,9 +190,15 @@ fn print_rules(response: &api::GetRulesResponse, output: Output) {
     println!("IPv4 egress:  {}", or_masquerade(&pair.ipv4));
     println!("IPv6 egress:  {}", or_masquerade(&pair.ipv6));
     println!("generation:   {}", response.generation);
+    println!("mode:         {mode}");
     println!(
-        "mode:         {mode} (iptables backend {})",
-        response.backend
+        "backend:      {} ({})",
+        response.backend, response.backend_reason
+    );
+    println!("drift:        {}", response.drift_detection);
+    println!(
+        "writes:       {} transactions since start",
+        response.kernel_transactions
     );
     println!(
         "in sync:      {}",

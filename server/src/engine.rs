@@ -1,9 +1,12 @@
 //! The engine: the one thread that makes every iptables call. RPC handlers send it commands and
 //! wait for the reply. Pending SetEgress commands are drained together and coalesced into one
-//! transaction per family; between commands the engine re-reads its chains every resync interval
-//! and repairs drift.
+//! transaction per family, shaped by [`rules::plan`] so the new decision goes in add-only and the
+//! rules it shadows are removed once no request waits. Drift is found through nftables change
+//! notifications (re-check within milliseconds, plus a slow safety check) or, on legacy, by
+//! polling every resync interval.
 
 use kilo_egress_api::egress::{EgressAddrs, Family, ParsedEgress};
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::mpsc::{self, RecvTimeoutError};
@@ -12,6 +15,7 @@ use tokio::sync::{oneshot, watch};
 use tracing::{debug, error, info, warn};
 
 use crate::netfilter::{Netfilter, NetfilterError};
+use crate::nftwatch::KernelEvent;
 use crate::rules::{
     self, Desired, KILO_NAT, ModeConfig, Observed, ObservedRule, POSTROUTING, Rule,
 };
@@ -22,8 +26,14 @@ use crate::state::{Loaded, StateError, StateStore, StoredState};
 pub struct EngineConfig {
     /// Who writes the chain.
     pub mode: ModeConfig,
-    /// How often the engine re-reads its chains to detect drift.
+    /// How often the engine re-reads its chains when no change notifications arrive (legacy).
     pub resync_interval: Duration,
+    /// How often the engine re-reads its chains although change notifications arrive.
+    pub safety_check_interval: Duration,
+    /// Whether to subscribe to nftables change notifications (nft backend only).
+    pub kernel_notifications: bool,
+    /// Why the backend was chosen, for GetRules.
+    pub backend_reason: String,
     /// The families the node uses (`--ip-families`); the others are never programmed.
     pub families: Vec<Family>,
 }
@@ -97,6 +107,12 @@ pub struct StatusReport {
     pub last_apply: Option<SystemTime>,
     /// The iptables backend.
     pub backend: &'static str,
+    /// Why that backend was chosen.
+    pub backend_reason: String,
+    /// How drift is detected.
+    pub drift_detection: String,
+    /// Transactions committed since start.
+    pub kernel_transactions: u64,
 }
 
 /// Why a SetEgress request failed.
@@ -126,6 +142,7 @@ pub enum EngineError {
 enum Command {
     Set(SetRequest, oneshot::Sender<Result<SetOutcome, EngineError>>),
     Get(oneshot::Sender<StatusReport>),
+    Kernel(KernelEvent),
 }
 
 /// A cheap, cloneable handle that sends commands to the engine.
@@ -169,17 +186,38 @@ pub struct Engine {
     last_error: Option<String>,
     last_apply: Option<SystemTime>,
     ready: watch::Sender<bool>,
+    /// What the kernel holds per family, as last read or written. Trusted only while change
+    /// notifications are on and none arrived for the family since.
+    known: BTreeMap<Family, Observed>,
+    /// Families a change notification named, and when to re-check them (debounced).
+    recheck: Option<(Instant, BTreeSet<Family>)>,
+    /// Transactions that remove rules the last commit shadowed, run once the inbox is empty.
+    pending_tidy: Vec<(Family, String, Observed)>,
+    /// Whether kernel change notifications arrive; `Err` says why not.
+    notifications: Result<(), String>,
+    /// Committed transactions since start.
+    transactions: u64,
+    /// Kilo mode: families whose POSTROUTING held no jump of ours when read.
+    postrouting_clean: BTreeSet<Family>,
 }
 
 /// What one reconcile of one family did.
 struct FamilyApply {
     rules_touched: usize,
     drift: Vec<String>,
+    /// What the kernel holds once the pending tidy is in, and what was desired.
+    settled: Observed,
+    desired: Desired,
 }
 
+/// How long change notifications are collected before the chains are re-checked: a foreign
+/// tool's transaction arrives as a burst of messages, and one read answers all of them.
+const NOTIFICATION_DEBOUNCE: Duration = Duration::from_millis(5);
+
 impl Engine {
-    /// Loads the stored state, programs it, and starts the engine thread. Returns once the first
-    /// apply has been attempted, so the stored state is in the kernel before the API serves.
+    /// Loads the stored state, programs it, and starts the engine thread (and, on nft, the
+    /// thread that listens for kernel change notifications). Returns once the first apply has
+    /// been attempted, so the stored state is in the kernel before the API serves.
     pub fn start(
         config: EngineConfig,
         netfilter: Arc<dyn Netfilter>,
@@ -203,6 +241,28 @@ impl Engine {
                 StoredState::default()
             }
         };
+        let (commands, inbox) = mpsc::channel();
+        // Subscribe before the first read, so no change between that read and the
+        // subscription goes unseen.
+        let notifications = if config.kernel_notifications {
+            let events = commands.clone();
+            netfilter.watch_changes(Box::new(move |event| {
+                events.send(Command::Kernel(event)).is_ok()
+            }))
+        } else {
+            Err("--kernel-notifications=false".to_string())
+        };
+        match &notifications {
+            Ok(()) => info!(
+                safety_check_interval = ?config.safety_check_interval,
+                "drift detection: nftables change notifications"
+            ),
+            Err(why) => info!(
+                resync_interval = ?config.resync_interval,
+                reason = %why,
+                "drift detection: polling"
+            ),
+        }
         let (ready_tx, ready_rx) = watch::channel(false);
         let mut engine = Engine {
             config,
@@ -212,10 +272,15 @@ impl Engine {
             last_error: None,
             last_apply: None,
             ready: ready_tx,
+            known: BTreeMap::new(),
+            recheck: None,
+            pending_tidy: Vec::new(),
+            notifications,
+            transactions: 0,
+            postrouting_clean: BTreeSet::new(),
         };
         engine.remove_leftovers();
         engine.resync("start");
-        let (commands, inbox) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("egress-engine".into())
             .spawn(move || engine.run(inbox))
@@ -229,25 +294,60 @@ impl Engine {
         ))
     }
 
+    /// How often every family is re-read: rarely when notifications report changes, else at
+    /// the polling interval.
+    fn check_interval(&self) -> Duration {
+        match self.notifications {
+            Ok(()) => self.config.safety_check_interval,
+            Err(_) => self.config.resync_interval,
+        }
+    }
+
+    fn drift_detection(&self) -> String {
+        match &self.notifications {
+            Ok(()) => format!(
+                "nftables change notifications, safety check every {}",
+                humantime::format_duration(self.config.safety_check_interval)
+            ),
+            Err(why) => format!(
+                "polling every {} ({why})",
+                humantime::format_duration(self.config.resync_interval)
+            ),
+        }
+    }
+
     fn run(mut self, inbox: mpsc::Receiver<Command>) {
-        let mut next_resync = Instant::now() + self.config.resync_interval;
+        let mut next_check = Instant::now() + self.check_interval();
         loop {
-            let wait = next_resync.saturating_duration_since(Instant::now());
-            match inbox.recv_timeout(wait) {
-                Ok(first) => {
-                    let mut batch = vec![first];
-                    batch.extend(inbox.try_iter());
-                    self.handle_batch(batch);
-                    // A steady stream of commands must not postpone the drift check.
-                    if Instant::now() >= next_resync {
-                        self.resync("drift check");
-                        next_resync = Instant::now() + self.config.resync_interval;
-                    }
+            if !self.pending_tidy.is_empty() {
+                // Tidy only when no request waits: a burst of switches costs one tidy at its end.
+                match inbox.try_recv() {
+                    Ok(first) => self.handle_batch(first, &inbox),
+                    Err(mpsc::TryRecvError::Empty) => self.run_tidies(),
+                    Err(mpsc::TryRecvError::Disconnected) => return,
                 }
-                Err(RecvTimeoutError::Timeout) => {
-                    self.resync("drift check");
-                    next_resync = Instant::now() + self.config.resync_interval;
-                }
+                continue;
+            }
+            let now = Instant::now();
+            if let Some((at, _)) = &self.recheck
+                && *at <= now
+            {
+                let (_, families) = self.recheck.take().expect("checked above");
+                self.recheck_families(families);
+                continue;
+            }
+            if next_check <= now {
+                self.resync("drift check");
+                next_check = Instant::now() + self.check_interval();
+                continue;
+            }
+            let wake = self
+                .recheck
+                .as_ref()
+                .map_or(next_check, |(at, _)| (*at).min(next_check));
+            match inbox.recv_timeout(wake.saturating_duration_since(now)) {
+                Ok(first) => self.handle_batch(first, &inbox),
+                Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => return,
             }
         }
@@ -273,12 +373,12 @@ impl Engine {
 
     /// Removes rules of ours that an earlier configuration or mode left in families the engine
     /// no longer manages. Best effort: a family the host cannot program is skipped.
-    fn remove_leftovers(&self) {
+    fn remove_leftovers(&mut self) {
         for family in Family::ALL {
             if self.unmanaged_reason(family).is_none() {
                 continue;
             }
-            match self.reconcile_family(family, &EgressAddrs::NONE) {
+            match self.reconcile_family(family, &EgressAddrs::NONE, Freshness::Read) {
                 Ok(applied) if applied.rules_touched > 0 => info!(
                     %family,
                     removed = %applied.drift.join("; "),
@@ -290,7 +390,15 @@ impl Engine {
         }
     }
 
-    /// Reads one family from the kernel and decides what `addr` wants there.
+    /// What `addr` wants in `family`, given what the kernel holds.
+    fn desire(&self, family: Family, addr: Option<IpAddr>, observed: &Observed) -> Desired {
+        match self.unmanaged_reason(family) {
+            Some(why) => rules::without_owned_rules(observed, why),
+            None => rules::desired(&self.config.mode, family, addr, observed),
+        }
+    }
+
+    /// Reads one family from the kernel (with counters) and decides what `addr` wants there.
     fn read_back(&self, family: Family, addr: Option<IpAddr>) -> Result<ReadBack, NetfilterError> {
         let chain = self.netfilter.read_chain(family, KILO_NAT)?;
         let postrouting = self
@@ -298,50 +406,131 @@ impl Engine {
             .read_chain(family, POSTROUTING)?
             .unwrap_or_default();
         let observed = observed_rules(&chain, &postrouting);
-        let desired = match self.unmanaged_reason(family) {
-            Some(why) => rules::without_owned_rules(&observed, why),
-            None => rules::desired(&self.config.mode, family, addr, &observed),
-        };
+        let desired = self.desire(family, addr, &observed);
         let drift = rules::describe_drift(&self.config.mode, &observed, &desired);
         Ok(ReadBack {
             chain,
             postrouting,
-            observed,
             desired,
             drift,
         })
     }
 
-    /// Reads one family and, when it differs from what `addrs` wants, applies one transaction.
+    /// What the kernel holds for `family`: what the engine knows when that is still true (no
+    /// change notification since), else read from the kernel.
+    fn observe(
+        &mut self,
+        family: Family,
+        freshness: Freshness,
+    ) -> Result<Observed, NetfilterError> {
+        if freshness == Freshness::Known
+            && self.notifications.is_ok()
+            && let Some(known) = self.known.get(&family)
+        {
+            return Ok(known.clone());
+        }
+        let chain = self.netfilter.read_chain(family, KILO_NAT)?;
+        // Kilo mode writes nothing in POSTROUTING; it only removes jumps an earlier own-mode
+        // run left there, which can exist only at start. Once seen clean it is not read again.
+        let postrouting = if self.postrouting_clean.contains(&family) {
+            Vec::new()
+        } else {
+            self.netfilter
+                .read_chain(family, POSTROUTING)?
+                .unwrap_or_default()
+        };
+        if !self.config.mode.owns_chain() && !postrouting.iter().any(|r| r.rule.is_owned()) {
+            self.postrouting_clean.insert(family);
+        }
+        let observed = observed_rules(&chain, &postrouting);
+        self.known.insert(family, observed.clone());
+        Ok(observed)
+    }
+
+    /// Applies one transaction and counts it; forgets what it knew of the family on failure.
+    fn restore(&mut self, family: Family, transaction: &str) -> Result<(), NetfilterError> {
+        debug!(%family, %transaction, "applying transaction");
+        match self.netfilter.restore(family, transaction) {
+            Ok(()) => {
+                self.transactions += 1;
+                Ok(())
+            }
+            Err(e) => {
+                self.known.remove(&family);
+                Err(e)
+            }
+        }
+    }
+
+    /// Makes `family` right for `addrs` with the cheapest transaction; a tidy transaction for
+    /// rules it shadowed is queued. A commit planned on known (not re-read) rules that the kernel
+    /// refuses is planned again on a fresh read.
     fn reconcile_family(
-        &self,
+        &mut self,
         family: Family,
         addrs: &EgressAddrs,
+        freshness: Freshness,
     ) -> Result<FamilyApply, NetfilterError> {
-        let ReadBack {
-            observed,
-            desired,
-            drift,
-            ..
-        } = self.read_back(family, addrs.get(family))?;
-        let mut rules_touched = 0;
-        if let Some(transaction) = rules::plan_transaction(&self.config.mode, &observed, &desired) {
-            debug!(%family, %transaction, "applying transaction");
-            self.netfilter.restore(family, &transaction)?;
-            rules_touched = transaction.lines().filter(|l| l.starts_with('-')).count();
+        let mut freshness = freshness;
+        loop {
+            let observed = self.observe(family, freshness)?;
+            let desired = self.desire(family, addrs.get(family), &observed);
+            let drift = rules::describe_drift(&self.config.mode, &observed, &desired);
+            let plan = rules::plan(&self.config.mode, &observed, &desired);
+            let mut rules_touched = 0;
+            if let Some(commit) = &plan.commit {
+                match self.restore(family, commit) {
+                    Ok(()) => rules_touched = count_rule_lines(commit),
+                    Err(e) if freshness == Freshness::Known => {
+                        debug!(%family, error = %e, "the kernel changed under known rules; reading them again");
+                        freshness = Freshness::Read;
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            self.known.insert(family, plan.after_commit);
+            self.pending_tidy.retain(|(f, _, _)| *f != family);
+            if let Some(tidy) = plan.tidy {
+                rules_touched += count_rule_lines(&tidy);
+                self.pending_tidy
+                    .push((family, tidy, plan.after_tidy.clone()));
+            }
+            return Ok(FamilyApply {
+                rules_touched,
+                drift,
+                settled: plan.after_tidy,
+                desired,
+            });
         }
-        Ok(FamilyApply {
-            rules_touched,
-            drift,
-        })
     }
 
-    /// Programs `addrs` for every managed family; returns the number of rule lines written.
-    fn apply(&self, addrs: &EgressAddrs) -> Result<Vec<(Family, FamilyApply)>, String> {
+    /// Removes the rules the last commits shadowed. A failure only means the chain changed
+    /// meanwhile: the family is re-checked at once.
+    fn run_tidies(&mut self) {
+        for (family, tidy, settled) in std::mem::take(&mut self.pending_tidy) {
+            match self.restore(family, &tidy) {
+                Ok(()) => {
+                    self.known.insert(family, settled);
+                }
+                Err(e) => {
+                    debug!(%family, error = %e, "removing shadowed rules failed; re-checking");
+                    self.schedule_recheck([family], Duration::ZERO);
+                }
+            }
+        }
+    }
+
+    /// Programs `addrs` for every managed family.
+    fn apply(
+        &mut self,
+        addrs: &EgressAddrs,
+        freshness: Freshness,
+    ) -> Result<Vec<(Family, FamilyApply)>, String> {
         self.managed_families()
             .into_iter()
             .map(|family| {
-                self.reconcile_family(family, addrs)
+                self.reconcile_family(family, addrs, freshness)
                     .map(|applied| (family, applied))
                     .map_err(|e| format!("{family}: {e}"))
             })
@@ -358,56 +547,89 @@ impl Engine {
 
     fn note_failure(&mut self, message: String) {
         if self.last_error.as_deref() != Some(message.as_str()) {
-            error!(error = %message, "applying the egress rules failed; retrying at the next resync");
+            error!(error = %message, "applying the egress rules failed; retrying at the next check");
         }
         self.last_error = Some(message);
     }
 
+    fn schedule_recheck(&mut self, families: impl IntoIterator<Item = Family>, delay: Duration) {
+        let at = Instant::now() + delay;
+        let (when, pending) = self.recheck.get_or_insert_with(|| (at, BTreeSet::new()));
+        *when = (*when).min(at);
+        pending.extend(families);
+    }
+
     /// Re-reads every managed family and repairs drift, logging what was wrong.
     fn resync(&mut self, why: &str) {
+        self.reconcile_logged(self.managed_families(), why);
+    }
+
+    /// Re-reads the families a change notification named and repairs them if they drifted.
+    fn recheck_families(&mut self, families: BTreeSet<Family>) {
+        let managed: Vec<Family> = families
+            .into_iter()
+            .filter(|f| self.unmanaged_reason(*f).is_none())
+            .collect();
+        self.reconcile_logged(managed, "kernel change notification");
+    }
+
+    fn reconcile_logged(&mut self, families: Vec<Family>, why: &str) {
         let started = Instant::now();
         let addrs = self.state.addrs;
-        match self.apply(&addrs) {
-            Ok(results) => {
-                for (family, applied) in results {
-                    if applied.rules_touched > 0 && why == "start" {
-                        info!(
-                            %family,
-                            was = %applied.drift.join("; "),
-                            rules_touched = applied.rules_touched,
-                            duration_ms = started.elapsed().as_secs_f64() * 1000.0,
-                            "programmed the stored state"
-                        );
-                    } else if applied.rules_touched > 0 {
-                        warn!(
-                            %family,
-                            trigger = why,
-                            drift = %applied.drift.join("; "),
-                            rules_touched = applied.rules_touched,
-                            duration_ms = started.elapsed().as_secs_f64() * 1000.0,
-                            "repaired rules"
-                        );
-                    }
-                }
-                self.note_success();
+        let mut failure = None;
+        for family in families {
+            match self.reconcile_family(family, &addrs, Freshness::Read) {
+                Ok(applied) if applied.rules_touched > 0 && why == "start" => info!(
+                    %family,
+                    was = %applied.drift.join("; "),
+                    rules_touched = applied.rules_touched,
+                    duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+                    "programmed the stored state"
+                ),
+                Ok(applied) if !applied.drift.is_empty() && applied.rules_touched > 0 => warn!(
+                    %family,
+                    trigger = why,
+                    drift = %applied.drift.join("; "),
+                    rules_touched = applied.rules_touched,
+                    duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+                    "repaired rules"
+                ),
+                Ok(_) => {}
+                Err(e) => failure = Some(format!("{family}: {e}")),
             }
-            Err(message) => self.note_failure(message),
+        }
+        match failure {
+            None => self.note_success(),
+            Some(message) => self.note_failure(message),
         }
     }
 
-    fn handle_batch(&mut self, batch: Vec<Command>) {
+    fn handle_batch(&mut self, first: Command, inbox: &mpsc::Receiver<Command>) {
         let mut sets = Vec::new();
         let mut gets = Vec::new();
-        for command in batch {
+        for command in std::iter::once(first).chain(inbox.try_iter()) {
             match command {
                 Command::Set(request, reply) => sets.push((request, reply)),
                 Command::Get(reply) => gets.push(reply),
+                Command::Kernel(KernelEvent::Changed(families)) => {
+                    for family in &families {
+                        self.known.remove(family);
+                    }
+                    self.schedule_recheck(families, NOTIFICATION_DEBOUNCE);
+                }
+                Command::Kernel(KernelEvent::Lost(why)) => {
+                    warn!(reason = %why, interval = ?self.config.resync_interval, "kernel change notifications stopped; polling instead");
+                    self.notifications = Err(format!("notifications stopped: {why}"));
+                    self.known.clear();
+                }
             }
         }
         if !sets.is_empty() {
             self.handle_sets(sets);
         }
         if !gets.is_empty() {
+            // A reader sees the settled chain, not the moment between commit and tidy.
+            self.run_tidies();
             let report = self.status_report();
             for reply in gets {
                 let _ = reply.send(report.clone());
@@ -459,7 +681,7 @@ impl Engine {
             }
             return;
         }
-        match self.apply(&running.addrs) {
+        match self.apply(&running.addrs, Freshness::Known) {
             Ok(results) => {
                 self.state = running;
                 self.note_success();
@@ -480,7 +702,7 @@ impl Engine {
                 } else {
                     debug!(requester = %requesters.join(", "), "egress unchanged");
                 }
-                let rules = self.family_reports(&running.addrs);
+                let rules = self.settled_reports(&running.addrs, results);
                 for (request, state, reply) in accepted {
                     let mut warnings = request.parsed.warnings();
                     if state.generation != running.generation {
@@ -516,6 +738,51 @@ impl Engine {
         }
     }
 
+    /// The reports of a SetEgress reply: the rules each family holds once the change has
+    /// settled, known from the committed plan (so the reply costs no extra read).
+    fn settled_reports(
+        &self,
+        addrs: &EgressAddrs,
+        results: Vec<(Family, FamilyApply)>,
+    ) -> Vec<FamilyReport> {
+        let mut results: BTreeMap<Family, FamilyApply> = results.into_iter().collect();
+        Family::ALL
+            .into_iter()
+            .map(|family| {
+                let addr = addrs.get(family);
+                if let Some(why) = self.unmanaged_reason(family) {
+                    return unmanaged_report(family, why);
+                }
+                let Some(applied) = results.remove(&family) else {
+                    return FamilyReport {
+                        family,
+                        rules: Vec::new(),
+                        in_sync: false,
+                        status: "not applied".to_string(),
+                    };
+                };
+                let drift =
+                    rules::describe_drift(&self.config.mode, &applied.settled, &applied.desired);
+                let rules = applied
+                    .settled
+                    .postrouting
+                    .iter()
+                    .filter(|r| r.is_owned())
+                    .chain(applied.settled.kilo_nat.iter().flatten())
+                    .map(|rule| ReportedRule {
+                        owned: rule.is_owned(),
+                        observed: ObservedRule {
+                            rule: rule.clone(),
+                            packets: 0,
+                            bytes: 0,
+                        },
+                    })
+                    .collect();
+                family_report(family, addr, rules, &drift, applied.desired.waiting)
+            })
+            .collect()
+    }
+
     /// Builds one report per family from what the kernel holds and what `addrs` wants there.
     fn report_families(
         &self,
@@ -527,12 +794,7 @@ impl Engine {
             .map(|family| {
                 let addr = addrs.get(family);
                 if let Some(why) = self.unmanaged_reason(family) {
-                    return FamilyReport {
-                        family,
-                        rules: Vec::new(),
-                        in_sync: true,
-                        status: format!("not managed: {why}"),
-                    };
+                    return unmanaged_report(family, why);
                 }
                 match self.read_back(family, addr) {
                     Ok(read) => report(family, addr, read),
@@ -592,33 +854,17 @@ impl Engine {
     /// Reads every family back from the kernel and compares it with the desired state.
     fn family_reports(&self, addrs: &EgressAddrs) -> Vec<FamilyReport> {
         self.report_families(addrs, |family, addr, read| {
-            let in_sync =
-                read.drift.is_empty() && (read.desired.waiting.is_none() || addr.is_none());
-            let status = if !read.drift.is_empty() {
-                format!("drift: {}", read.drift.join("; "))
-            } else if let Some(waiting) = read.desired.waiting {
-                waiting
-            } else {
-                addr.map_or_else(|| "MASQUERADE".to_string(), |a| format!("SNAT to {a}"))
-            };
-            let mut rules: Vec<ReportedRule> = read
-                .chain
-                .unwrap_or_default()
+            let rules: Vec<ReportedRule> = read
+                .postrouting
                 .into_iter()
-                .chain(read.postrouting.into_iter().filter(|r| r.rule.is_owned()))
+                .filter(|r| r.rule.is_owned())
+                .chain(read.chain.unwrap_or_default())
                 .map(|observed| ReportedRule {
                     owned: observed.rule.is_owned(),
                     observed,
                 })
                 .collect();
-            // Jumps first: they are what sends traffic into the chain.
-            rules.sort_by_key(|r| r.observed.rule.chain != POSTROUTING);
-            FamilyReport {
-                family,
-                rules,
-                in_sync,
-                status,
-            }
+            family_report(family, addr, rules, &read.drift, read.desired.waiting)
         })
     }
 
@@ -633,7 +879,57 @@ impl Engine {
             last_error: self.last_error.clone(),
             last_apply: self.last_apply,
             backend: self.netfilter.backend_name(),
+            backend_reason: self.config.backend_reason.clone(),
+            drift_detection: self.drift_detection(),
+            kernel_transactions: self.transactions,
         }
+    }
+}
+
+/// Whether a plan may start from what the engine knows or must read the kernel first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Freshness {
+    /// Use what the engine knows when change notifications vouch for it.
+    Known,
+    /// Read the kernel.
+    Read,
+}
+
+fn count_rule_lines(transaction: &str) -> usize {
+    transaction.lines().filter(|l| l.starts_with('-')).count()
+}
+
+fn unmanaged_report(family: Family, why: String) -> FamilyReport {
+    FamilyReport {
+        family,
+        rules: Vec::new(),
+        in_sync: true,
+        status: format!("not managed: {why}"),
+    }
+}
+
+/// The report of one family: its rules (owned jumps first, they send traffic into the chain)
+/// and a status line.
+fn family_report(
+    family: Family,
+    addr: Option<IpAddr>,
+    rules: Vec<ReportedRule>,
+    drift: &[String],
+    waiting: Option<String>,
+) -> FamilyReport {
+    let in_sync = drift.is_empty() && (waiting.is_none() || addr.is_none());
+    let status = if !drift.is_empty() {
+        format!("drift: {}", drift.join("; "))
+    } else if let Some(waiting) = waiting {
+        waiting
+    } else {
+        addr.map_or_else(|| "MASQUERADE".to_string(), |a| format!("SNAT to {a}"))
+    };
+    FamilyReport {
+        family,
+        rules,
+        in_sync,
+        status,
     }
 }
 
@@ -641,7 +937,6 @@ impl Engine {
 struct ReadBack {
     chain: Option<Vec<ObservedRule>>,
     postrouting: Vec<ObservedRule>,
-    observed: Observed,
     desired: Desired,
     drift: Vec<String>,
 }
@@ -720,6 +1015,9 @@ mod tests {
         let config = EngineConfig {
             mode: own_mode(),
             resync_interval: Duration::from_secs(3600),
+            safety_check_interval: Duration::from_secs(3600),
+            kernel_notifications: false,
+            backend_reason: "test".into(),
             families: Family::ALL.to_vec(),
         };
         Engine::start(config, fake.clone(), StateStore::new(dir))
@@ -782,6 +1080,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let handle = start(&fake, dir.path());
         handle.set(set(&["198.51.100.20"])).await.unwrap();
+        handle.status().await.unwrap(); // the shadowed rule is gone
         let before = fake.chain(Family::Ipv4, KILO_NAT);
         let mut stale = set(&["198.51.100.99"]);
         stale.expected_generation = Some(0);
@@ -848,12 +1147,16 @@ mod tests {
         let config = EngineConfig {
             mode: own_mode(),
             resync_interval: Duration::from_millis(20),
+            safety_check_interval: Duration::from_secs(3600),
+            kernel_notifications: false,
+            backend_reason: "test".into(),
             families: Family::ALL.to_vec(),
         };
         let handle = Engine::start(config, fake.clone(), StateStore::new(dir.path()))
             .unwrap()
             .0;
         handle.set(set(&["198.51.100.20"])).await.unwrap();
+        handle.status().await.unwrap(); // the shadowed rule is gone
         let good = fake.chain(Family::Ipv4, KILO_NAT);
         fake.tamper(Family::Ipv4, |t| {
             t.get_mut(KILO_NAT).unwrap().clear();
@@ -874,6 +1177,7 @@ mod tests {
             .set(set(&["198.51.100.20", "2001:db8::20"]))
             .await
             .unwrap();
+        handle.status().await.unwrap(); // the shadowed rules are gone
         let saved = std::fs::read(dir.path().join("state.json")).unwrap();
         let ipv4_before = fake.chain(Family::Ipv4, KILO_NAT);
         // IPv4 applies first and succeeds; IPv6 then fails because its POSTROUTING vanished.
@@ -885,6 +1189,7 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(err, EngineError::Apply(_)), "{err}");
+        handle.status().await.unwrap(); // the rollback has settled
         assert_eq!(std::fs::read(dir.path().join("state.json")).unwrap(), saved);
         assert_eq!(handle.status().await.unwrap().generation, 1);
         assert_eq!(
@@ -898,14 +1203,20 @@ mod tests {
     async fn rules_of_an_excluded_family_are_removed_at_start() {
         let fake = Arc::new(FakeNetfilter::new());
         let dir = tempfile::tempdir().unwrap();
-        start(&fake, dir.path())
+        let first = start(&fake, dir.path());
+        first
             .set(set(&["198.51.100.20", "2001:db8::20"]))
             .await
             .unwrap();
+        // A status read waits for the shadowed MASQUERADE rules to be removed.
+        first.status().await.unwrap();
         assert!(fake.chain(Family::Ipv6, KILO_NAT).unwrap().len() == 1);
         let config = EngineConfig {
             mode: own_mode(),
             resync_interval: Duration::from_secs(3600),
+            safety_check_interval: Duration::from_secs(3600),
+            kernel_notifications: false,
+            backend_reason: "test".into(),
             families: vec![Family::Ipv4],
         };
         let handle = Engine::start(config, fake.clone(), StateStore::new(dir.path()))
@@ -921,5 +1232,153 @@ mod tests {
                 .contains("--ip-families excludes IPv6")
         );
         assert!(status.in_sync);
+    }
+
+    fn start_notified(fake: &Arc<FakeNetfilter>, dir: &std::path::Path) -> EngineHandle {
+        let config = EngineConfig {
+            mode: own_mode(),
+            resync_interval: Duration::from_secs(3600),
+            safety_check_interval: Duration::from_secs(3600),
+            kernel_notifications: true,
+            backend_reason: "test".into(),
+            families: Family::ALL.to_vec(),
+        };
+        Engine::start(config, fake.clone(), StateStore::new(dir))
+            .unwrap()
+            .0
+    }
+
+    async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    fn snat_only(addr: &str) -> Option<Vec<String>> {
+        let rule = rules::snat_rule(addr.parse().unwrap());
+        Some(vec![rule.spec()])
+    }
+
+    #[tokio::test]
+    async fn switch_commits_add_only_then_removes_the_shadowed_rule() {
+        let fake = Arc::new(FakeNetfilter::with_change_notifications());
+        let dir = tempfile::tempdir().unwrap();
+        let handle = start_notified(&fake, dir.path());
+        handle.set(set(&["198.51.100.20"])).await.unwrap();
+        wait_for("the first switch to settle", || {
+            fake.chain(Family::Ipv4, KILO_NAT) == snat_only("198.51.100.20")
+        })
+        .await;
+        let before = fake.committed().len();
+        let outcome = handle.set(set(&["198.51.100.99"])).await.unwrap();
+        assert!(outcome.rules[0].in_sync, "{:?}", outcome.rules[0]);
+        wait_for("the shadowed rule to be removed", || {
+            fake.chain(Family::Ipv4, KILO_NAT) == snat_only("198.51.100.99")
+        })
+        .await;
+        let ipv4: Vec<String> = fake.committed()[before..]
+            .iter()
+            .filter(|(f, _)| *f == Family::Ipv4)
+            .map(|(_, t)| t.clone())
+            .collect();
+        assert_eq!(ipv4.len(), 2, "{ipv4:#?}");
+        let rule_lines = |t: &str| -> Vec<String> {
+            t.lines()
+                .filter(|l| l.starts_with('-') || l.starts_with(':'))
+                .map(str::to_string)
+                .collect()
+        };
+        let commit = rule_lines(&ipv4[0]);
+        assert!(
+            commit.len() == 1
+                && commit[0].starts_with("-I KILO-NAT 1 ")
+                && commit[0].contains("198.51.100.99"),
+            "the switch is one insert in front of the old rule: {commit:?}"
+        );
+        let tidy = rule_lines(&ipv4[1]);
+        assert!(
+            tidy.len() == 1
+                && tidy[0].starts_with("-D KILO-NAT ")
+                && tidy[0].contains("198.51.100.20"),
+            "the old rule goes afterwards: {tidy:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_notified_change_is_repaired_without_polling() {
+        let fake = Arc::new(FakeNetfilter::with_change_notifications());
+        let dir = tempfile::tempdir().unwrap();
+        let handle = start_notified(&fake, dir.path());
+        handle.set(set(&["198.51.100.20"])).await.unwrap();
+        wait_for("settle", || {
+            fake.chain(Family::Ipv4, KILO_NAT) == snat_only("198.51.100.20")
+        })
+        .await;
+        fake.tamper(Family::Ipv4, |t| {
+            t.get_mut(KILO_NAT).unwrap().clear();
+        });
+        // Both check intervals are an hour: only the notification can bring the rule back.
+        wait_for("the repair", || {
+            fake.chain(Family::Ipv4, KILO_NAT) == snat_only("198.51.100.20")
+        })
+        .await;
+        let status = handle.status().await.unwrap();
+        assert!(
+            status
+                .drift_detection
+                .starts_with("nftables change notifications")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_foreign_change_costs_a_read_and_no_write() {
+        let fake = Arc::new(FakeNetfilter::with_change_notifications());
+        let dir = tempfile::tempdir().unwrap();
+        let handle = start_notified(&fake, dir.path());
+        handle.set(set(&["198.51.100.20"])).await.unwrap();
+        wait_for("settle", || {
+            fake.chain(Family::Ipv4, KILO_NAT) == snat_only("198.51.100.20")
+        })
+        .await;
+        // Let the re-check of our own write happen first.
+        let status = handle.status().await.unwrap();
+        assert!(status.in_sync);
+        let writes = fake.transactions();
+        let reads = fake.reads();
+        fake.tamper(Family::Ipv4, |t| {
+            t.entry("KUBE-SVC-TEST".into())
+                .or_default()
+                .push("-A KUBE-SVC-TEST -j RETURN".into());
+        });
+        wait_for("the re-check", || fake.reads() > reads).await;
+        assert_eq!(
+            handle.status().await.unwrap().kernel_transactions,
+            status.kernel_transactions
+        );
+        assert_eq!(fake.transactions(), writes, "nothing of ours was wrong");
+    }
+
+    #[tokio::test]
+    async fn a_switch_on_outdated_knowledge_still_ends_right() {
+        let fake = Arc::new(FakeNetfilter::with_change_notifications());
+        let dir = tempfile::tempdir().unwrap();
+        let handle = start_notified(&fake, dir.path());
+        handle.set(set(&["198.51.100.20"])).await.unwrap();
+        wait_for("settle", || {
+            fake.chain(Family::Ipv4, KILO_NAT) == snat_only("198.51.100.20")
+        })
+        .await;
+        handle.status().await.unwrap();
+        // A change whose notification was lost: the engine's knowledge is outdated.
+        fake.tamper_silently(Family::Ipv4, |t| {
+            t.insert(KILO_NAT.into(), vec!["-A KILO-NAT -j RETURN".into(); 3]);
+        });
+        handle.set(set(&["198.51.100.99"])).await.unwrap();
+        wait_for("the chain to be right", || {
+            fake.chain(Family::Ipv4, KILO_NAT) == snat_only("198.51.100.99")
+        })
+        .await;
     }
 }

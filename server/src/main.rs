@@ -7,7 +7,7 @@ use kilo_egress_api::DEFAULT_SOCKET;
 use kilo_egress_api::egress::Family;
 use kilo_egressd::engine::{self, Engine, EngineConfig};
 use kilo_egressd::listen::ListenAddr;
-use kilo_egressd::netfilter::{Backend, IptablesCli};
+use kilo_egressd::netfilter::{BackendChoice, IptablesCli, choose_backend};
 use kilo_egressd::rules::{ModeConfig, family_of_net};
 use kilo_egressd::server::{self, Limits};
 use kilo_egressd::state::StateStore;
@@ -55,14 +55,15 @@ struct CommonArgs {
     /// Who writes KILO-NAT: `own` (this service) or `kilo` (Kilo's agent, kg).
     #[arg(long, env = "KILO_EGRESS_MODE", value_enum, required = true)]
     mode: Option<ModeArg>,
-    /// Which iptables implementation the host uses.
+    /// Which iptables implementation the host uses; `auto` picks the one holding the host's
+    /// rules (kubelet's marker chain, then KILO-NAT, then the larger rule count).
     #[arg(
         long,
         env = "KILO_EGRESS_IPTABLES_BACKEND",
         value_enum,
-        default_value = "nft"
+        default_value = "auto"
     )]
-    iptables_backend: Backend,
+    iptables_backend: BackendChoice,
     /// Directory of the stored desired state (state.json).
     #[arg(
         long,
@@ -100,9 +101,16 @@ struct RunArgs {
     /// host without IPv6 netfilter support).
     #[arg(long, env = "KILO_EGRESS_IP_FAMILIES", value_delimiter = ',', default_value = "ipv4,ipv6", value_parser = parse_family)]
     ip_families: Vec<Family>,
-    /// How often the rules are re-read and repaired if they drifted.
+    /// How often the rules are re-read and repaired when the kernel sends no change
+    /// notifications (legacy backend, or --kernel-notifications=false).
     #[arg(long, env = "KILO_EGRESS_RESYNC_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
     resync_interval: Duration,
+    /// nft: repair drift the moment nftables reports a change of KILO-NAT or POSTROUTING.
+    #[arg(long, env = "KILO_EGRESS_KERNEL_NOTIFICATIONS", default_value_t = true, action = clap::ArgAction::Set)]
+    kernel_notifications: bool,
+    /// With change notifications, the rules are still re-read this often, as a safety net.
+    #[arg(long, env = "KILO_EGRESS_SAFETY_CHECK_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
+    safety_check_interval: Duration,
 }
 
 fn parse_family(text: &str) -> Result<Family, String> {
@@ -180,7 +188,9 @@ fn cleanup(args: &CommonArgs) -> anyhow::Result<()> {
             no_nat_cidrs: Vec::new(),
         },
     };
-    let netfilter = IptablesCli::new(args.iptables_backend)?;
+    let (backend, reason) = choose_backend(args.iptables_backend);
+    info!(backend = backend.name(), %reason, "iptables backend");
+    let netfilter = IptablesCli::new(backend)?;
     let removed = engine::cleanup(&mode, &netfilter).context("removing the rules")?;
     StateStore::new(&args.state_dir).remove()?;
     info!(rules_removed = removed, state_dir = %args.state_dir.display(), "cleanup done");
@@ -217,16 +227,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         listen.check_tls(security.tls.is_some())?;
     }
     let mode = mode_config(&args)?;
-    let netfilter = Arc::new(IptablesCli::new(args.common.iptables_backend)?);
+    let (backend, backend_reason) = choose_backend(args.common.iptables_backend);
+    let netfilter = Arc::new(IptablesCli::new(backend)?);
     info!(
         mode = mode.name(),
-        backend = args.common.iptables_backend.name(),
-        resync_interval = ?args.resync_interval,
+        backend = backend.name(),
+        backend_reason = %backend_reason,
         "starting kilo-egressd"
     );
     let config = EngineConfig {
         mode,
         resync_interval: args.resync_interval,
+        safety_check_interval: args.safety_check_interval,
+        kernel_notifications: args.kernel_notifications,
+        backend_reason,
         families: args.ip_families.clone(),
     };
     let (handle, _engine) = tokio::task::spawn_blocking(move || {

@@ -10,6 +10,7 @@ use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use crate::nftwatch::{self, KernelEvent};
 use crate::rules::{ObservedRule, parse_listing, tokenize};
 
 /// Which iptables implementation programs the kernel.
@@ -40,6 +41,16 @@ impl Backend {
         }
     }
 
+    /// The save command of a family, e.g. `iptables-nft-save`.
+    pub fn save_command(self, family: Family) -> &'static str {
+        match (self, family) {
+            (Backend::Nft, Family::Ipv4) => "iptables-nft-save",
+            (Backend::Nft, Family::Ipv6) => "ip6tables-nft-save",
+            (Backend::Legacy, Family::Ipv4) => "iptables-legacy-save",
+            (Backend::Legacy, Family::Ipv6) => "ip6tables-legacy-save",
+        }
+    }
+
     /// The restore command of a family, e.g. `iptables-nft-restore`.
     pub fn restore_command(self, family: Family) -> &'static str {
         match (self, family) {
@@ -47,6 +58,131 @@ impl Backend {
             (Backend::Nft, Family::Ipv6) => "ip6tables-nft-restore",
             (Backend::Legacy, Family::Ipv4) => "iptables-legacy-restore",
             (Backend::Legacy, Family::Ipv6) => "ip6tables-legacy-restore",
+        }
+    }
+}
+
+/// `--iptables-backend`: a backend, or `auto` to use the one that holds the host's rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackendChoice {
+    /// Detect the backend the host uses, as kube-proxy's iptables wrappers do.
+    Auto,
+    /// Always `iptables-nft`.
+    Nft,
+    /// Always `iptables-legacy`.
+    Legacy,
+}
+
+/// What one backend's `*-save` output says about the host.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BackendEvidence {
+    /// Whether the save tools ran at all (the backend is installed and usable).
+    pub usable: bool,
+    /// kubelet's marker chain `KUBE-IPTABLES-HINT` or `KUBE-KUBELET-CANARY` exists here.
+    pub kubelet_hint: bool,
+    /// Kilo's chain `KILO-NAT` exists here.
+    pub kilo_nat: bool,
+    /// Number of rules (`-A` lines) of both families.
+    pub rules: usize,
+}
+
+impl BackendEvidence {
+    /// Reads the evidence from `*-save` output of both families.
+    pub fn from_save_output(outputs: &[&str]) -> BackendEvidence {
+        let mut evidence = BackendEvidence {
+            usable: true,
+            ..BackendEvidence::default()
+        };
+        let mut table = "";
+        for line in outputs.iter().flat_map(|o| o.lines()) {
+            if let Some(name) = line.strip_prefix('*') {
+                table = name;
+            } else if line.starts_with("-A ") {
+                evidence.rules += 1;
+            } else if let Some(chain) = line.strip_prefix(':') {
+                let name = chain.split_whitespace().next().unwrap_or_default();
+                evidence.kubelet_hint |=
+                    matches!(name, "KUBE-IPTABLES-HINT" | "KUBE-KUBELET-CANARY");
+                evidence.kilo_nat |= table == "nat" && name == "KILO-NAT";
+            }
+        }
+        evidence
+    }
+}
+
+/// Picks the backend from the evidence of both, and says why. The order follows kube-proxy's
+/// iptables wrapper: kubelet's marker chain, then (for Kilo) where KILO-NAT lives, then which
+/// backend holds more rules; nft when nothing tells them apart.
+pub fn decide_backend(nft: &BackendEvidence, legacy: &BackendEvidence) -> (Backend, String) {
+    let only = |pick: fn(&BackendEvidence) -> bool| match (pick(nft), pick(legacy)) {
+        (true, false) => Some(Backend::Nft),
+        (false, true) => Some(Backend::Legacy),
+        _ => None,
+    };
+    if let Some(backend) = only(|e| e.usable) {
+        return (backend, format!("only {} tools are usable", backend.name()));
+    }
+    if let Some(backend) = only(|e| e.kubelet_hint) {
+        return (
+            backend,
+            format!(
+                "kubelet's KUBE-IPTABLES-HINT/KUBE-KUBELET-CANARY chain is in {}",
+                backend.name()
+            ),
+        );
+    }
+    if let Some(backend) = only(|e| e.kilo_nat) {
+        return (
+            backend,
+            format!("chain KILO-NAT exists only in {}", backend.name()),
+        );
+    }
+    if legacy.rules > nft.rules {
+        return (
+            Backend::Legacy,
+            format!(
+                "legacy holds more rules ({} vs {} in nft)",
+                legacy.rules, nft.rules
+            ),
+        );
+    }
+    (
+        Backend::Nft,
+        format!(
+            "nft holds at least as many rules ({} vs {} in legacy)",
+            nft.rules, legacy.rules
+        ),
+    )
+}
+
+/// Gathers the evidence of one backend by running its `iptables-save`/`ip6tables-save`.
+pub fn backend_evidence(backend: Backend) -> BackendEvidence {
+    let save = |family| {
+        Command::new(backend.save_command(family))
+            .stderr(Stdio::null())
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+    };
+    let outputs: Vec<String> = Family::ALL.into_iter().filter_map(save).collect();
+    if outputs.is_empty() {
+        return BackendEvidence::default();
+    }
+    BackendEvidence::from_save_output(&outputs.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+/// Resolves `--iptables-backend`; with `auto`, inspects both backends once.
+pub fn choose_backend(choice: BackendChoice) -> (Backend, String) {
+    match choice {
+        BackendChoice::Nft => (Backend::Nft, "--iptables-backend nft".to_string()),
+        BackendChoice::Legacy => (Backend::Legacy, "--iptables-backend legacy".to_string()),
+        BackendChoice::Auto => {
+            let (backend, why) = decide_backend(
+                &backend_evidence(Backend::Nft),
+                &backend_evidence(Backend::Legacy),
+            );
+            (backend, format!("auto: {why}"))
         }
     }
 }
@@ -96,7 +232,19 @@ pub trait Netfilter: Send + Sync {
     fn restore(&self, family: Family, input: &str) -> Result<(), NetfilterError>;
     /// The backend name reported to users.
     fn backend_name(&self) -> &'static str;
+    /// Starts forwarding change notifications of the nat chains of interest to `forward`, or
+    /// says why this backend has none (legacy x_tables sends none; polling stays).
+    fn watch_changes(&self, forward: ChangeForwarder) -> Result<(), String> {
+        drop(forward);
+        Err(format!(
+            "the {} backend sends no change notifications",
+            self.backend_name()
+        ))
+    }
 }
+
+/// Receives [`KernelEvent`]s; returns false once nobody listens any more.
+pub type ChangeForwarder = Box<dyn FnMut(KernelEvent) -> bool + Send>;
 
 /// The real kernel, through the iptables tools of one backend.
 pub struct IptablesCli {
@@ -215,6 +363,17 @@ impl Netfilter for IptablesCli {
     fn backend_name(&self) -> &'static str {
         self.backend.name()
     }
+
+    fn watch_changes(&self, forward: ChangeForwarder) -> Result<(), String> {
+        if self.backend != Backend::Nft {
+            drop(forward);
+            return Err("the legacy backend (x_tables) sends no change notifications".into());
+        }
+        let subscription = nftwatch::subscribe()
+            .map_err(|e| format!("cannot subscribe to nftables change notifications: {e}"))?;
+        subscription.spawn(forward);
+        Ok(())
+    }
 }
 
 /// Finds "line N" in a restore error and shows that input line with two lines around it.
@@ -249,6 +408,12 @@ pub fn failing_line_context(stderr: &str, input: &str) -> String {
 pub struct FakeNetfilter {
     tables: Mutex<BTreeMap<Family, BTreeMap<String, Vec<String>>>>,
     transactions: AtomicUsize,
+    reads: AtomicUsize,
+    committed: Mutex<Vec<(Family, String)>>,
+    /// Set by [`FakeNetfilter::with_change_notifications`]: every change is announced, as the
+    /// nf_tables kernel does, once the engine has subscribed.
+    announces_changes: bool,
+    subscriber: Mutex<Option<ChangeForwarder>>,
 }
 
 const BUILTIN_NAT_CHAINS: [&str; 4] = ["PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"];
@@ -269,6 +434,41 @@ impl FakeNetfilter {
         fake
     }
 
+    /// Like [`FakeNetfilter::new`], but announcing every change (restores and tampering) the way
+    /// nf_tables does.
+    pub fn with_change_notifications() -> FakeNetfilter {
+        FakeNetfilter {
+            announces_changes: true,
+            ..FakeNetfilter::new()
+        }
+    }
+
+    fn announce(&self, family: Family) {
+        if let Some(forward) = self.subscriber.lock().unwrap().as_mut() {
+            forward(KernelEvent::Changed([family].into_iter().collect()));
+        }
+    }
+
+    /// How many chains were read.
+    pub fn reads(&self) -> usize {
+        self.reads.load(Ordering::SeqCst)
+    }
+
+    /// Every transaction applied successfully, in order.
+    pub fn committed(&self) -> Vec<(Family, String)> {
+        self.committed.lock().unwrap().clone()
+    }
+
+    /// Changes the table behind the service's back without announcing it (a lost
+    /// notification).
+    pub fn tamper_silently(
+        &self,
+        family: Family,
+        edit: impl FnOnce(&mut BTreeMap<String, Vec<String>>),
+    ) {
+        edit(self.tables.lock().unwrap().get_mut(&family).unwrap());
+    }
+
     /// How many transactions were applied successfully.
     pub fn transactions(&self) -> usize {
         self.transactions.load(Ordering::SeqCst)
@@ -287,8 +487,8 @@ impl FakeNetfilter {
 
     /// Changes the table behind the service's back (as another agent or an operator would).
     pub fn tamper(&self, family: Family, edit: impl FnOnce(&mut BTreeMap<String, Vec<String>>)) {
-        let mut tables = self.tables.lock().unwrap();
-        edit(tables.get_mut(&family).unwrap());
+        edit(self.tables.lock().unwrap().get_mut(&family).unwrap());
+        self.announce(family);
     }
 
     fn apply(table: &mut BTreeMap<String, Vec<String>>, input: &str) -> Result<(), String> {
@@ -406,6 +606,7 @@ impl Netfilter for FakeNetfilter {
         family: Family,
         chain: &str,
     ) -> Result<Option<Vec<ObservedRule>>, NetfilterError> {
+        self.reads.fetch_add(1, Ordering::SeqCst);
         Ok(self
             .chain(family, chain)
             .map(|lines| parse_listing(&lines.join("\n"))))
@@ -420,12 +621,26 @@ impl Netfilter for FakeNetfilter {
             stderr,
         })?;
         tables.insert(family, scratch);
+        drop(tables);
         self.transactions.fetch_add(1, Ordering::SeqCst);
+        self.committed
+            .lock()
+            .unwrap()
+            .push((family, input.to_string()));
+        self.announce(family);
         Ok(())
     }
 
     fn backend_name(&self) -> &'static str {
         "fake"
+    }
+
+    fn watch_changes(&self, forward: ChangeForwarder) -> Result<(), String> {
+        if !self.announces_changes {
+            return Err("this fake announces no changes".into());
+        }
+        *self.subscriber.lock().unwrap() = Some(forward);
+        Ok(())
     }
 }
 

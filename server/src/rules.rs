@@ -433,6 +433,17 @@ pub fn plan_transaction(
             }
         }
     }
+    lines.extend(jump_lines(observed, desired));
+    if lines.is_empty() {
+        return None;
+    }
+    Some(wrap_nat(&lines))
+}
+
+/// The POSTROUTING lines that put the desired jumps at the top and remove any other jump of
+/// ours; empty when POSTROUTING is right.
+fn jump_lines(observed: &Observed, desired: &Desired) -> Vec<String> {
+    let mut lines = Vec::new();
     let have = &observed.postrouting;
     let top_ok =
         have.len() >= desired.jumps.len() && have[..desired.jumps.len()] == desired.jumps[..];
@@ -445,10 +456,143 @@ pub fn plan_transaction(
             lines.push(format!("-I {POSTROUTING} {} {}", i + 1, jump.args));
         }
     }
-    if lines.is_empty() {
+    lines
+}
+
+/// What the kernel holds once the transaction of [`plan_transaction`] is committed.
+fn settled(observed: &Observed, desired: &Desired) -> Observed {
+    let postrouting = if jump_lines(observed, desired).is_empty() {
+        observed.postrouting.clone()
+    } else {
+        desired
+            .jumps
+            .iter()
+            .chain(observed.postrouting.iter().filter(|r| !r.is_owned()))
+            .cloned()
+            .collect()
+    };
+    Observed {
+        kilo_nat: desired
+            .kilo_nat
+            .clone()
+            .or_else(|| observed.kilo_nat.clone()),
+        postrouting,
+    }
+}
+
+/// A change of one family, shaped so that traffic meets the new egress decision in the cheapest
+/// transaction the kernel allows, and never a missing one.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Plan {
+    /// The transaction that puts the desired decision in force, or `None` when it already is.
+    /// When only the decision changes, it only inserts the new rule in front of the old one:
+    /// an add-only transaction (on nft ~1 ms of kernel time instead of ~15 ms for any deletion).
+    pub commit: Option<String>,
+    /// Removes decision rules of ours that `commit` left shadowed behind the new one. Traffic
+    /// never reaches them, so this runs after the caller has its answer.
+    pub tidy: Option<String>,
+    /// What the kernel holds once `commit` is in.
+    pub after_commit: Observed,
+    /// What the kernel holds once `tidy` is in too: the desired state.
+    pub after_tidy: Observed,
+}
+
+/// Plans the change from `observed` to `desired`: the add-only decision switch when the chain
+/// differs from the desired one only in its decision rules of ours, else one full transaction.
+pub fn plan(mode: &ModeConfig, observed: &Observed, desired: &Desired) -> Plan {
+    plan_decision_switch(observed, desired).unwrap_or_else(|| {
+        let after = settled(observed, desired);
+        Plan {
+            commit: plan_transaction(mode, observed, desired),
+            tidy: None,
+            after_commit: after.clone(),
+            after_tidy: after,
+        }
+    })
+}
+
+/// A rule of ours that decides how traffic is NATed: our SNAT or MASQUERADE.
+fn is_decision(rule: &Rule) -> bool {
+    rule.is_owned() && matches!(rule.target().as_deref(), Some("SNAT" | "MASQUERADE"))
+}
+
+/// The plan when the chain holds exactly the desired other rules and our decision rules sit in
+/// one block where the desired decision goes; `None` otherwise.
+fn plan_decision_switch(observed: &Observed, desired: &Desired) -> Option<Plan> {
+    let have = observed.kilo_nat.as_ref()?;
+    let want = desired.kilo_nat.as_ref()?;
+    if !jump_lines(observed, desired).is_empty() {
         return None;
     }
-    Some(wrap_nat(&lines))
+    let others = |rules: &[Rule]| -> Vec<Rule> {
+        rules.iter().filter(|r| !is_decision(r)).cloned().collect()
+    };
+    if others(have) != others(want) {
+        return None;
+    }
+    let old: Vec<(usize, &Rule)> = have
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| is_decision(r))
+        .collect();
+    let new: Vec<(usize, &Rule)> = want
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| is_decision(r))
+        .collect();
+    let delete_old = |skip: usize| -> Option<String> {
+        let lines: Vec<String> = old[skip..]
+            .iter()
+            .map(|(_, r)| format!("-D {KILO_NAT} {}", r.args))
+            .collect();
+        (!lines.is_empty()).then(|| wrap_nat(&lines))
+    };
+    let settled = Observed {
+        kilo_nat: Some(want.clone()),
+        postrouting: observed.postrouting.clone(),
+    };
+    let (slot, decision) = match new.as_slice() {
+        // Kilo mode with nothing chosen: only a deletion removes our SNAT.
+        [] => {
+            return Some(Plan {
+                commit: delete_old(0),
+                tidy: None,
+                after_commit: settled.clone(),
+                after_tidy: settled,
+            });
+        }
+        [(slot, decision)] => (*slot, *decision),
+        _ => return None,
+    };
+    if let (Some((first, _)), Some((last, _))) = (old.first(), old.last())
+        && (*first != slot || last - first + 1 != old.len())
+    {
+        return None;
+    }
+    if old.first().is_some_and(|(_, r)| *r == decision) {
+        let unchanged = observed.clone();
+        return Some(Plan {
+            commit: None,
+            tidy: delete_old(1),
+            after_commit: unchanged,
+            after_tidy: settled,
+        });
+    }
+    let mut inserted = have.clone();
+    inserted.insert(slot, decision.clone());
+    Some(Plan {
+        commit: Some(wrap_nat(&[format!(
+            "-I {KILO_NAT} {} {}",
+            slot + 1,
+            decision.args
+        )])),
+        tidy: delete_old(0),
+        after_commit: Observed {
+            kilo_nat: Some(inserted),
+            postrouting: observed.postrouting.clone(),
+        },
+        after_tidy: settled,
+    })
 }
 
 /// Builds the transactions that remove everything the service wrote: first its rules in
@@ -779,7 +923,43 @@ mod tests {
             kilo_nat: Some(kg6()),
             postrouting: vec![],
         };
+        let own_settled = |addr: Option<IpAddr>| {
+            let want = desired(&own(), Family::Ipv4, addr, &Observed::default());
+            Observed {
+                kilo_nat: want.kilo_nat,
+                postrouting: want.jumps,
+            }
+        };
+        let kg_with_snat = |addr: &str| {
+            let mut chain = kg_chain();
+            chain.insert(1, snat_rule(addr.parse().unwrap()));
+            Observed {
+                kilo_nat: Some(chain),
+                postrouting: vec![],
+            }
+        };
         let cases: Vec<(&str, ModeConfig, Family, Option<IpAddr>, Observed)> = vec![
+            (
+                "own_ipv4_switch_masquerade_to_snat",
+                own(),
+                Family::Ipv4,
+                Some(v4),
+                own_settled(None),
+            ),
+            (
+                "own_ipv4_switch_snat_to_masquerade",
+                own(),
+                Family::Ipv4,
+                None,
+                own_settled(Some(v4)),
+            ),
+            (
+                "kilo_ipv4_switch_snat",
+                ModeConfig::Kilo,
+                Family::Ipv4,
+                Some(v4),
+                kg_with_snat("198.51.100.99"),
+            ),
             (
                 "own_ipv4_fresh_masquerade",
                 own(),
@@ -848,15 +1028,17 @@ mod tests {
         let update = std::env::var_os("UPDATE_GOLDEN").is_some();
         for (name, mode, family, addr, observed) in cases {
             let want = desired(&mode, family, addr, &observed);
+            let plan = plan(&mode, &observed, &want);
             let rendered = format!(
-                "# desired chain\n{}\n# transaction\n{}",
+                "# desired chain\n{}\n# commit (before the reply)\n{}# tidy (after the reply)\n{}",
                 want.jumps
                     .iter()
                     .chain(want.kilo_nat.iter().flatten())
                     .map(Rule::spec)
                     .collect::<Vec<_>>()
                     .join("\n"),
-                plan_transaction(&mode, &observed, &want).unwrap_or_default()
+                plan.commit.unwrap_or_default(),
+                plan.tidy.unwrap_or_default(),
             );
             let path = dir.join(format!("{name}.txt"));
             if update {

@@ -107,6 +107,9 @@ pub fn rules_response(report: &StatusReport) -> pb::GetRulesResponse {
         last_error: report.last_error.clone().unwrap_or_default(),
         last_apply_time: report.last_apply.map(timestamp),
         backend: report.backend.to_string(),
+        backend_reason: report.backend_reason.clone(),
+        drift_detection: report.drift_detection.clone(),
+        kernel_transactions: report.kernel_transactions,
     }
 }
 

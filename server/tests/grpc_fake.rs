@@ -50,6 +50,9 @@ async fn start_listening(netfilter: Arc<dyn Netfilter>, tcp: bool) -> Started {
     let config = EngineConfig {
         mode: own_mode(),
         resync_interval: Duration::from_secs(3600),
+        safety_check_interval: Duration::from_secs(3600),
+        kernel_notifications: false,
+        backend_reason: "test".into(),
         families: Family::ALL.to_vec(),
     };
     let (engine, _thread) =
@@ -135,6 +138,7 @@ async fn set_egress_programs_snat_for_both_families_and_get_rules_reads_it_back(
         ("198.51.100.20", "2001:db8::20")
     );
     assert_eq!(reply.generation, 1);
+    settle(&run).await;
     let (v4, v6) = kilo_nat(&run.fake);
     assert!(
         v4.unwrap()
@@ -168,8 +172,15 @@ async fn set_egress_programs_snat_for_both_families_and_get_rules_reads_it_back(
 
     // An empty list brings MASQUERADE back.
     run.client.set_egress(vec![], false, None).await.unwrap();
+    settle(&run).await;
     let (v4, _) = kilo_nat(&run.fake);
     assert!(v4.unwrap().last().unwrap().ends_with("-j MASQUERADE"));
+}
+
+/// Waits until the last change has settled: GetRules is answered once the rules a switch
+/// shadowed are removed.
+async fn settle(run: &Running) {
+    run.client.clone().get_rules().await.unwrap();
 }
 
 #[tokio::test]
@@ -182,6 +193,7 @@ async fn invalid_entries_get_invalid_argument_naming_the_entry_and_change_nothin
     })
     .await
     .unwrap();
+    settle(&run).await;
     let before = kilo_nat(&run.fake);
     let transactions = run.fake.transactions();
     for bad in [
@@ -245,6 +257,7 @@ async fn stale_expected_generation_fails_with_failed_precondition() {
         .set_egress(vec!["198.51.100.20".into()], false, Some(0))
         .await
         .unwrap();
+    settle(&run).await;
     let before = kilo_nat(&run.fake);
     let err = run
         .client
@@ -266,6 +279,7 @@ async fn stale_expected_generation_fails_with_failed_precondition() {
 #[tokio::test]
 async fn dry_run_shows_rules_and_changes_nothing() {
     let mut run = start().await;
+    settle(&run).await;
     let before = kilo_nat(&run.fake);
     let state_before = std::fs::read(run.dir.path().join("state/state.json")).ok();
     let reply = run

@@ -9,11 +9,13 @@ use kilo_egress_tests::pki::{CertFiles, Pki};
 use kilo_egressd::authz::Authorizer;
 use kilo_egressd::engine::{Engine, EngineConfig};
 use kilo_egressd::listen::ListenAddr;
-use kilo_egressd::netfilter::FakeNetfilter;
+use kilo_egressd::netfilter::{FakeNetfilter, Netfilter, NetfilterError};
+use kilo_egressd::rules::ObservedRule;
 use kilo_egressd::rules::{KILO_NAT, ModeConfig};
 use kilo_egressd::server::{Limits, Security, serve_all};
 use kilo_egressd::state::StateStore;
 use kilo_egressd::tls::{Reload, TlsFiles, TlsReloader};
+use kilo_egressd::write_limit::WriteLimits;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -23,6 +25,7 @@ use tonic::Code;
 
 const WRITER: &str = "ops.example";
 const READER: &str = "viewer.example";
+const OTHER_WRITER: &str = "failover.example";
 
 struct Tls {
     dir: tempfile::TempDir,
@@ -47,6 +50,16 @@ fn install_server_cert(dir: &Path, version: &str, files: &CertFiles) {
 }
 
 async fn start() -> Tls {
+    let fake = Arc::new(FakeNetfilter::new());
+    start_with(fake.clone(), fake, WriteLimits::default()).await
+}
+
+/// Starts the server with `netfilter` (which writes through to `fake`) and `write_limits`.
+async fn start_with(
+    netfilter: Arc<dyn Netfilter>,
+    fake: Arc<FakeNetfilter>,
+    write_limits: WriteLimits,
+) -> Tls {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new(&dir.path().join("pki"), "cluster");
     let server = pki.server("server-v1", &["127.0.0.1", "node-a"]);
@@ -57,21 +70,19 @@ async fn start() -> Tls {
         client_ca: pki.ca(),
     };
     let reloader = Arc::new(TlsReloader::load(files).unwrap());
-    let fake = Arc::new(FakeNetfilter::new());
     let config = EngineConfig {
         mode: ModeConfig::Own {
             source_cidrs: vec!["10.44.0.0/24".parse().unwrap()],
             no_nat_cidrs: vec![],
         },
         resync_interval: Duration::from_secs(3600),
+        safety_check_interval: Duration::from_secs(3600),
+        kernel_notifications: false,
+        backend_reason: "test".into(),
         families: vec![Family::Ipv4],
     };
-    let (engine, _thread) = Engine::start(
-        config,
-        fake.clone(),
-        StateStore::new(dir.path().join("state")),
-    )
-    .unwrap();
+    let (engine, _thread) =
+        Engine::start(config, netfilter, StateStore::new(dir.path().join("state"))).unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -86,7 +97,8 @@ async fn start() -> Tls {
         tls: Some(reloader.clone()),
         // The tests reload by hand, so they know when it happened.
         tls_reload_interval: Duration::from_secs(3600),
-        authorizer: Authorizer::new([WRITER.to_string()]),
+        authorizer: Authorizer::new([WRITER.to_string(), OTHER_WRITER.to_string()]),
+        write_limits,
         ..Security::default()
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -357,4 +369,115 @@ async fn the_unix_socket_still_writes_next_to_tls() {
         .await
         .unwrap();
     assert_eq!(reply.generation, 1);
+}
+
+/// The fake behind a gate: while the gate is closed, `restore` waits in the engine's thread,
+/// so SetEgress calls stay in flight as long as a test needs.
+struct Gated {
+    fake: Arc<FakeNetfilter>,
+    closed: std::sync::Mutex<bool>,
+    opened: std::sync::Condvar,
+    waiting: std::sync::atomic::AtomicUsize,
+}
+
+impl Gated {
+    fn set_closed(&self, closed: bool) {
+        *self.closed.lock().unwrap() = closed;
+        self.opened.notify_all();
+    }
+}
+
+impl Netfilter for Gated {
+    fn read_chain(
+        &self,
+        family: Family,
+        chain: &str,
+    ) -> Result<Option<Vec<ObservedRule>>, NetfilterError> {
+        self.fake.read_chain(family, chain)
+    }
+
+    fn restore(&self, family: Family, input: &str) -> Result<(), NetfilterError> {
+        let mut closed = self.closed.lock().unwrap();
+        self.waiting
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        while *closed {
+            closed = self.opened.wait(closed).unwrap();
+        }
+        self.waiting
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        drop(closed);
+        self.fake.restore(family, input)
+    }
+
+    fn backend_name(&self) -> &'static str {
+        "gated"
+    }
+}
+
+#[tokio::test]
+async fn a_writer_over_its_limit_is_refused_at_once_while_another_writer_goes_through() {
+    let fake = Arc::new(FakeNetfilter::new());
+    let gated = Arc::new(Gated {
+        fake: fake.clone(),
+        closed: std::sync::Mutex::new(false),
+        opened: std::sync::Condvar::new(),
+        waiting: std::sync::atomic::AtomicUsize::new(0),
+    });
+    let limits = WriteLimits {
+        per_connection: 1,
+        per_identity: 1,
+    };
+    let tls = start_with(gated.clone(), fake, limits).await;
+    let writer = tls.pki.client("writer", WRITER);
+    let mut first = tls.client(&writer).await.unwrap();
+    let mut second = tls.client(&writer).await.unwrap();
+    let mut other = tls
+        .client(&tls.pki.client("failover", OTHER_WRITER))
+        .await
+        .unwrap();
+
+    gated.set_closed(true);
+    let held = tokio::spawn(async move {
+        first
+            .set_egress(vec!["198.51.100.20".into()], false, None)
+            .await
+    });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while gated.waiting.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the first write never reached the engine"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+
+    // The same identity on another connection: over its limit, refused without waiting.
+    let err = second
+        .set_egress(vec!["198.51.100.21".into()], false, None)
+        .await
+        .unwrap_err();
+    let ClientError::Status(status) = err else {
+        panic!("expected a status, got {err}");
+    };
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains(WRITER),
+        "names the identity: {status:?}"
+    );
+
+    // Another writer is not held up by the first one's limit: its call is accepted and waits
+    // for the engine like any other.
+    let queued = tokio::spawn(async move { other.set_egress(Vec::new(), false, None).await });
+    gated.set_closed(false);
+    let first = held.await.unwrap().unwrap();
+    let other = queued.await.unwrap().unwrap();
+    assert_eq!(first.egress.unwrap().ipv4, "198.51.100.20");
+    assert!(other.generation >= 1, "{other:?}");
+
+    // Once the first call finished, the identity may write again.
+    let again = second
+        .set_egress(vec!["198.51.100.21".into()], false, None)
+        .await
+        .unwrap();
+    assert_eq!(again.egress.unwrap().ipv4, "198.51.100.21");
 }

@@ -40,8 +40,10 @@ impl Mode {
 pub struct DaemonConfig {
     /// `--mode`.
     pub mode: Mode,
-    /// `--iptables-backend`.
+    /// `--iptables-backend`, and the backend the test helpers read.
     pub backend: Backend,
+    /// Pass `--iptables-backend auto` instead: the daemon must find `backend` itself.
+    pub auto_backend: bool,
     /// Further arguments, e.g. `--source-cidr 10.44.0.0/24`.
     pub args: Vec<String>,
 }
@@ -57,6 +59,7 @@ impl DaemonConfig {
         DaemonConfig {
             mode: Mode::Own,
             backend,
+            auto_backend: false,
             args,
         }
     }
@@ -66,8 +69,15 @@ impl DaemonConfig {
         DaemonConfig {
             mode: Mode::Kilo,
             backend,
+            auto_backend: false,
             args: Vec::new(),
         }
+    }
+
+    /// Starts with `--iptables-backend auto`; `backend` is what the daemon should detect.
+    pub fn auto_backend(mut self) -> Self {
+        self.auto_backend = true;
+        self
     }
 
     /// Adds one argument.
@@ -139,12 +149,27 @@ impl<'lab> Daemon<'lab> {
             "--mode".to_owned(),
             self.config.mode.name().to_owned(),
             "--iptables-backend".to_owned(),
-            self.config.backend.name().to_owned(),
+            if self.config.auto_backend {
+                "auto".to_owned()
+            } else {
+                self.config.backend.name().to_owned()
+            },
             "--state-dir".to_owned(),
             self.state_dir.display().to_string(),
             "--listen".to_owned(),
             self.server_url(),
         ];
+        // On nft, drift must be repaired through change notifications: the periodic safety
+        // check is pushed out of every test's reach unless a test sets it.
+        if self.config.backend == Backend::Nft
+            && !self
+                .config
+                .args
+                .iter()
+                .any(|a| a.starts_with("--safety-check-interval"))
+        {
+            args.extend(["--safety-check-interval".to_owned(), "1h".to_owned()]);
+        }
         args.extend(self.config.args.iter().cloned());
         args
     }
@@ -340,11 +365,16 @@ impl<'lab> Daemon<'lab> {
     }
 
     /// Like [`Daemon::cli`], but fails (with the daemon's log) unless the CLI exits 0; returns
-    /// its stdout.
+    /// its stdout. After a `set` or `clear` it also waits until the change has settled: the reply
+    /// comes once the new decision is in force, and the rules it shadowed are removed right
+    /// after; a GetRules call is answered only once that is done.
     pub fn cli_ok(&self, args: &[&str]) -> anyhow::Result<String> {
         let out = self.cli(args)?;
         if !out.success() {
             bail!("{out}{}", self.context());
+        }
+        if matches!(args.first(), Some(&"set" | &"clear")) && !args.contains(&"--dry-run") {
+            self.get_rules()?;
         }
         Ok(out.stdout)
     }
@@ -365,7 +395,12 @@ impl<'lab> Daemon<'lab> {
         full.extend_from_slice(flags);
         full.push(&socket);
         full.extend_from_slice(verb);
-        cmd::run_in(&self.lab.node, "grpcurl", &full)
+        let out = cmd::run_in(&self.lab.node, "grpcurl", &full)?;
+        // Like `cli_ok`: wait until a change has settled (shadowed rules removed).
+        if out.success() && verb.iter().any(|v| v.ends_with("/SetEgress")) {
+            self.get_rules()?;
+        }
+        Ok(out)
     }
 
     /// Like [`Daemon::grpcurl`] with a JSON request body, failing unless grpcurl exits 0;
@@ -448,6 +483,21 @@ impl RulesView {
     /// The mode, e.g. "MODE_OWN".
     pub fn mode(&self) -> &str {
         self.raw["mode"].as_str().unwrap_or_default()
+    }
+
+    /// How drift is detected, e.g. "nftables change notifications, safety check every 1h".
+    pub fn drift_detection(&self) -> &str {
+        self.raw["driftDetection"].as_str().unwrap_or_default()
+    }
+
+    /// Why the backend was chosen.
+    pub fn backend_reason(&self) -> &str {
+        self.raw["backendReason"].as_str().unwrap_or_default()
+    }
+
+    /// iptables-restore transactions committed since the daemon started.
+    pub fn kernel_transactions(&self) -> u64 {
+        json_u64(&self.raw["kernelTransactions"])
     }
 
     /// The backend, "nft" or "legacy".

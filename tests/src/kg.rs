@@ -9,6 +9,18 @@
 //! back compare equal to [`KgAgent::chain_rules`].
 
 use crate::lab::{Family, Iptables};
+use crate::{REPAIR_TIMEOUT, poll_until};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+/// What a [`KgAgent::run`] loop did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KgStats {
+    /// Periodic checks made.
+    pub checks: usize,
+    /// Transactions written, the start-up sync included.
+    pub writes: usize,
+}
 
 /// The comment of kg's MASQUERADE rule, the anchor kilo-egressd inserts its SNAT rule before.
 pub const MASQUERADE_COMMENT: &str = "Kilo: NAT remaining packets";
@@ -121,12 +133,124 @@ impl<'lab> KgAgent<'lab> {
         self.ipt.restore_noflush(&input)
     }
 
+    /// kg's periodic check: for each of its own rules it looks whether the rule exists
+    /// (anywhere: kg checks presence, not order). The first missing chain rule is appended again,
+    /// and every rule of kg's after it is deleted and appended again; a missing jump is appended.
+    /// Rules of other programs are never deleted. Returns how many transactions it wrote (0 when
+    /// everything was in place).
+    pub fn check_and_repair(&self) -> anyhow::Result<usize> {
+        let chain = self.ipt.iptables_s("KILO-NAT").unwrap_or_default();
+        let present: Vec<&str> = chain.lines().collect();
+        let rules = self.chain_rules();
+        let mut input = String::new();
+        if let Some(missing) = rules.iter().position(|r| !present.contains(&r.as_str())) {
+            for rule in &rules[missing + 1..] {
+                if present.contains(&rule.as_str()) {
+                    input.push_str(&format!("-D{}\n", &rule[2..]));
+                }
+            }
+            for rule in &rules[missing..] {
+                input.push_str(rule);
+                input.push('\n');
+            }
+        }
+        let postrouting = self.ipt.iptables_s("POSTROUTING")?;
+        if !postrouting.lines().any(|l| l == self.jump_rule()) {
+            input.push_str(&self.jump_rule());
+            input.push('\n');
+        }
+        if input.is_empty() {
+            return Ok(0);
+        }
+        if !chain.starts_with("-N KILO-NAT") {
+            input.insert_str(0, ":KILO-NAT - [0:0]\n");
+        }
+        self.ipt
+            .restore_noflush(&format!("*nat\n{input}COMMIT\n"))?;
+        Ok(1)
+    }
+
+    /// Runs like kg: [`KgAgent::sync`] on start (flushing KILO-NAT), then
+    /// [`KgAgent::check_and_repair`] every `period` until `stop` is set.
+    pub fn run(&self, period: Duration, stop: &AtomicBool) -> anyhow::Result<KgStats> {
+        self.sync()?;
+        let mut stats = KgStats {
+            checks: 0,
+            writes: 1,
+        };
+        loop {
+            let next = Instant::now() + period;
+            while Instant::now() < next {
+                if stop.load(Ordering::SeqCst) {
+                    return Ok(stats);
+                }
+                std::thread::sleep(Duration::from_millis(20).min(next - Instant::now()));
+            }
+            stats.writes += self.check_and_repair()?;
+            stats.checks += 1;
+        }
+    }
+
     /// Every rule kg wrote, in kernel order: the chain's rules, then the jump.
     pub fn all_rules(&self) -> Vec<String> {
         let mut rules = self.chain_rules();
         rules.push(self.jump_rule());
         rules
     }
+}
+
+/// KILO-NAT must be kg's rules with one kilo-egress SNAT to `addr` directly before the last one
+/// (MASQUERADE). Returns a description of what is wrong, or `None`.
+pub fn snat_before_masquerade_problem(
+    chain: &[String],
+    kg: &KgAgent<'_>,
+    addr: &str,
+) -> Option<String> {
+    let kg_rules = kg.chain_rules();
+    if chain.len() != kg_rules.len() + 1 {
+        return Some(format!(
+            "expected kg's {} rules plus one SNAT",
+            kg_rules.len()
+        ));
+    }
+    let snat = &chain[chain.len() - 2];
+    if !(snat.contains("--comment \"kilo-egress:")
+        && snat.ends_with(&format!("-j SNAT --to-source {addr}")))
+    {
+        return Some(format!(
+            "the rule before MASQUERADE is not our SNAT to {addr}: {snat}"
+        ));
+    }
+    let mut without: Vec<String> = chain.to_vec();
+    without.remove(chain.len() - 2);
+    if without != kg_rules {
+        return Some(format!("kg's rules changed; expected {kg_rules:#?}"));
+    }
+    None
+}
+
+/// Polls until [`snat_before_masquerade_problem`] finds nothing wrong, up to [`REPAIR_TIMEOUT`].
+pub fn wait_for_snat_before_masquerade(
+    ipt: &Iptables<'_>,
+    kg: &KgAgent<'_>,
+    addr: &str,
+) -> anyhow::Result<()> {
+    let mut last = (Vec::new(), None);
+    let ok = poll_until(REPAIR_TIMEOUT, || {
+        let chain = ipt.rules("KILO-NAT").unwrap_or_default();
+        let problem = snat_before_masquerade_problem(&chain, kg, addr);
+        let ok = problem.is_none();
+        last = (chain, problem);
+        ok
+    });
+    if !ok {
+        anyhow::bail!(
+            "KILO-NAT did not get SNAT to {addr} directly before kg's MASQUERADE within {REPAIR_TIMEOUT:?}: {}\nlast seen: {:#?}",
+            last.1.unwrap_or_default(),
+            last.0
+        );
+    }
+    Ok(())
 }
 
 #[cfg(test)]

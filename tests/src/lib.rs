@@ -12,6 +12,7 @@
 //! * [`Daemon`] starts, stops and restarts `kilo-egressd` in the node namespace and drives it with
 //!   the `kilo-egress` CLI or `grpcurl`.
 //! * [`KgAgent`] writes KILO-NAT the way Kilo's agent (kg) does, for kilo mode.
+//! * [`BusyNode`] fills the nat table like kube-proxy on a busy node (20,000 rules).
 //! * [`pki::Pki`] issues CA, server and client certificates at test time for mutual TLS;
 //!   [`remote::RemoteTls`] runs the daemon with TLS on the node's addresses and drives it from
 //!   the upstream namespace, as another machine would.
@@ -20,6 +21,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod busy;
 pub mod cmd;
 pub mod daemon;
 pub mod kg;
@@ -27,6 +29,7 @@ pub mod lab;
 pub mod pki;
 pub mod remote;
 
+pub use busy::BusyNode;
 pub use cmd::Captured;
 pub use daemon::{Daemon, DaemonConfig, Mode, RulesView};
 pub use kg::KgAgent;
@@ -147,6 +150,29 @@ pub fn bin_path(name: &str) -> PathBuf {
         path.display()
     );
     path
+}
+
+/// Expands `for_each_backend!(case)` into `case::nft` and `case::legacy` tests that call
+/// `case(Backend)` once [`require_root`] allows it.
+#[macro_export]
+macro_rules! for_each_backend {
+    ($case:ident) => {
+        mod $case {
+            #[test]
+            fn nft() {
+                if $crate::require_root(concat!(module_path!(), "::nft")) {
+                    super::$case($crate::Backend::Nft);
+                }
+            }
+
+            #[test]
+            fn legacy() {
+                if $crate::require_root(concat!(module_path!(), "::legacy")) {
+                    super::$case($crate::Backend::Legacy);
+                }
+            }
+        }
+    };
 }
 
 /// Generates one `#[test]` per backend and family for a test case

@@ -51,6 +51,16 @@ fn repaired_after(family: Family, backend: Backend, tamper: impl FnOnce(&Iptable
         "RETURN + SNAT:\n{before}"
     );
 
+    let detection = d.must(d.get_rules()).drift_detection().to_string();
+    match backend {
+        // With the periodic check an hour away, only a notification can repair in time.
+        Backend::Nft => assert!(
+            detection.starts_with("nftables change notifications") && detection.ends_with("1h"),
+            "{detection}"
+        ),
+        Backend::Legacy => assert!(detection.starts_with("polling every 1s"), "{detection}"),
+    }
+
     tamper(&ipt, &before);
 
     d.must(ipt.wait_for_nat_dump(&before, REPAIR_TIMEOUT));

@@ -3,15 +3,15 @@
 //! changes the nat tables, state.json or what upstream sees.
 
 use kilo_egress_tests::{
-    Backend, Daemon, DaemonConfig, Family, Lab, RulesView, require_grpcurl, require_root,
+    Backend, Daemon, DaemonConfig, Family, Lab, RulesView, for_each_backend, require_grpcurl,
 };
 
 const SET: &str = "kilo.egress.v1.EgressService/SetEgress";
 
 /// Everything a refused or dry-run request must leave alone.
-fn snapshot(lab: &Lab, d: &Daemon<'_>) -> (String, Option<Vec<u8>>, u64) {
+fn snapshot(lab: &Lab, d: &Daemon<'_>, backend: Backend) -> (String, Option<Vec<u8>>, u64) {
     (
-        d.must(lab.nat_dumps(Backend::Nft)),
+        d.must(lab.nat_dumps(backend)),
         d.state_file(),
         d.must(d.get_rules()).generation(),
     )
@@ -24,14 +24,10 @@ fn assert_upstream_sees_both(d: &Daemon<'_>, addr: impl Fn(Family) -> &'static s
     }
 }
 
-#[test]
-fn cli_dry_run_shows_snat_rules_and_changes_nothing() {
-    if !require_root("cli_dry_run_shows_snat_rules_and_changes_nothing") {
-        return;
-    }
+fn cli_dry_run_shows_snat_rules_and_changes_nothing(backend: Backend) {
     let lab = Lab::new().unwrap();
-    let d = lab.start_daemon(DaemonConfig::own(Backend::Nft)).unwrap();
-    let before = snapshot(&lab, &d);
+    let d = lab.start_daemon(DaemonConfig::own(backend)).unwrap();
+    let before = snapshot(&lab, &d, backend);
     let out = d.must(d.cli_ok(&["set", "198.51.100.20", "2001:db8:2::20", "--dry-run"]));
     for family in Family::ALL {
         assert!(
@@ -41,7 +37,7 @@ fn cli_dry_run_shows_snat_rules_and_changes_nothing() {
         );
     }
     assert_eq!(
-        snapshot(&lab, &d),
+        snapshot(&lab, &d, backend),
         before,
         "a dry run changes nothing{}",
         d.context()
@@ -49,16 +45,17 @@ fn cli_dry_run_shows_snat_rules_and_changes_nothing() {
     assert_upstream_sees_both(&d, Family::primary);
 }
 
-#[test]
-fn grpcurl_dry_run_reports_rules_and_changes_nothing() {
+for_each_backend!(cli_dry_run_shows_snat_rules_and_changes_nothing);
+
+fn grpcurl_dry_run_reports_rules_and_changes_nothing(backend: Backend) {
     let test = "grpcurl_dry_run_reports_rules_and_changes_nothing";
-    if !require_root(test) || !require_grpcurl(test) {
+    if !require_grpcurl(test) {
         return;
     }
     let lab = Lab::new().unwrap();
-    let d = lab.start_daemon(DaemonConfig::own(Backend::Nft)).unwrap();
+    let d = lab.start_daemon(DaemonConfig::own(backend)).unwrap();
     d.must(d.cli_ok(&["set", "198.51.100.20"]));
-    let before = snapshot(&lab, &d);
+    let before = snapshot(&lab, &d, backend);
     let reply = d.must(d.grpcurl_call(
         SET,
         r#"{"egressIps": ["192.0.2.10", "2001:db8:2::20"], "dryRun": true}"#,
@@ -75,7 +72,7 @@ fn grpcurl_dry_run_reports_rules_and_changes_nothing() {
         );
     }
     assert_eq!(
-        snapshot(&lab, &d),
+        snapshot(&lab, &d, backend),
         before,
         "a dry run changes nothing{}",
         d.context()
@@ -86,13 +83,11 @@ fn grpcurl_dry_run_reports_rules_and_changes_nothing() {
     });
 }
 
-#[test]
-fn cli_stale_expected_generation_exits_1_and_changes_nothing() {
-    if !require_root("cli_stale_expected_generation_exits_1_and_changes_nothing") {
-        return;
-    }
+for_each_backend!(grpcurl_dry_run_reports_rules_and_changes_nothing);
+
+fn cli_stale_expected_generation_exits_1_and_changes_nothing(backend: Backend) {
     let lab = Lab::new().unwrap();
-    let d = lab.start_daemon(DaemonConfig::own(Backend::Nft)).unwrap();
+    let d = lab.start_daemon(DaemonConfig::own(backend)).unwrap();
     let g0 = d.must(d.get_rules()).generation().to_string();
     d.must(d.cli_ok(&[
         "set",
@@ -101,13 +96,13 @@ fn cli_stale_expected_generation_exits_1_and_changes_nothing() {
         "--expected-generation",
         &g0,
     ]));
-    let before = snapshot(&lab, &d);
+    let before = snapshot(&lab, &d, backend);
     assert_ne!(before.2.to_string(), g0, "a change moves the generation on");
 
     let out = d.must(d.cli(&["set", "192.0.2.10", "--expected-generation", &g0]));
     assert_eq!(out.code, Some(1), "a stale generation is refused: {out}");
     assert_eq!(
-        snapshot(&lab, &d),
+        snapshot(&lab, &d, backend),
         before,
         "a refused set changes nothing{}",
         d.context()
@@ -115,14 +110,15 @@ fn cli_stale_expected_generation_exits_1_and_changes_nothing() {
     assert_upstream_sees_both(&d, Family::preferred);
 }
 
-#[test]
-fn grpcurl_stale_expected_generation_gets_failed_precondition() {
+for_each_backend!(cli_stale_expected_generation_exits_1_and_changes_nothing);
+
+fn grpcurl_stale_expected_generation_gets_failed_precondition(backend: Backend) {
     let test = "grpcurl_stale_expected_generation_gets_failed_precondition";
-    if !require_root(test) || !require_grpcurl(test) {
+    if !require_grpcurl(test) {
         return;
     }
     let lab = Lab::new().unwrap();
-    let d = lab.start_daemon(DaemonConfig::own(Backend::Nft)).unwrap();
+    let d = lab.start_daemon(DaemonConfig::own(backend)).unwrap();
     let g0 = d.must(d.get_rules()).generation();
     let reply = d.must(d.grpcurl_call(
         SET,
@@ -132,7 +128,7 @@ fn grpcurl_stale_expected_generation_gets_failed_precondition() {
     ));
     let g1 = RulesView { raw: reply }.generation();
     assert_ne!(g1, g0, "a change moves the generation on");
-    let before = snapshot(&lab, &d);
+    let before = snapshot(&lab, &d, backend);
 
     let request = format!(r#"{{"egressIps": ["192.0.2.10"], "expectedGeneration": "{g0}"}}"#);
     let out = d.must(d.grpcurl(&["-d", &request], &[SET]));
@@ -141,7 +137,7 @@ fn grpcurl_stale_expected_generation_gets_failed_precondition() {
         "a stale generation is refused with FAILED_PRECONDITION: {out}"
     );
     assert_eq!(
-        snapshot(&lab, &d),
+        snapshot(&lab, &d, backend),
         before,
         "a refused set changes nothing{}",
         d.context()
@@ -155,3 +151,5 @@ fn grpcurl_stale_expected_generation_gets_failed_precondition() {
         Family::V6 => f.primary(),
     });
 }
+
+for_each_backend!(grpcurl_stale_expected_generation_gets_failed_precondition);

@@ -3,27 +3,22 @@
 //! standard health check reports SERVING.
 
 use kilo_egress_tests::{
-    Backend, Daemon, DaemonConfig, Family, Lab, RulesView, require_grpcurl, require_root,
+    Backend, Daemon, DaemonConfig, Family, Lab, RulesView, for_each_backend, require_grpcurl,
 };
 
 const SET: &str = "kilo.egress.v1.EgressService/SetEgress";
 const GET: &str = "kilo.egress.v1.EgressService/GetRules";
 
-fn ready(test: &str) -> bool {
-    require_root(test) && require_grpcurl(test)
+fn own_daemon(lab: &Lab, backend: Backend) -> Daemon<'_> {
+    lab.start_daemon(DaemonConfig::own(backend)).unwrap()
 }
 
-fn own_daemon(lab: &Lab) -> Daemon<'_> {
-    lab.start_daemon(DaemonConfig::own(Backend::Nft)).unwrap()
-}
-
-#[test]
-fn grpcurl_lists_egress_and_health_services() {
-    if !ready("grpcurl_lists_egress_and_health_services") {
+fn grpcurl_lists_egress_and_health_services(backend: Backend) {
+    if !require_grpcurl("grpcurl_lists_egress_and_health_services") {
         return;
     }
     let lab = Lab::new().unwrap();
-    let d = own_daemon(&lab);
+    let d = own_daemon(&lab, backend);
     let out = d.must(d.grpcurl(&[], &["list"]).and_then(|o| o.ok()));
     let services: Vec<&str> = out.stdout.lines().map(str::trim).collect();
     for service in ["kilo.egress.v1.EgressService", "grpc.health.v1.Health"] {
@@ -34,13 +29,14 @@ fn grpcurl_lists_egress_and_health_services() {
     }
 }
 
-#[test]
-fn grpcurl_describes_egress_service_with_set_and_get() {
-    if !ready("grpcurl_describes_egress_service_with_set_and_get") {
+for_each_backend!(grpcurl_lists_egress_and_health_services);
+
+fn grpcurl_describes_egress_service_with_set_and_get(backend: Backend) {
+    if !require_grpcurl("grpcurl_describes_egress_service_with_set_and_get") {
         return;
     }
     let lab = Lab::new().unwrap();
-    let d = own_daemon(&lab);
+    let d = own_daemon(&lab, backend);
     let out = d.must(
         d.grpcurl(&[], &["describe", "kilo.egress.v1.EgressService"])
             .and_then(|o| o.ok()),
@@ -61,24 +57,26 @@ fn grpcurl_describes_egress_service_with_set_and_get() {
     );
 }
 
-#[test]
-fn grpcurl_health_check_reports_serving() {
-    if !ready("grpcurl_health_check_reports_serving") {
+for_each_backend!(grpcurl_describes_egress_service_with_set_and_get);
+
+fn grpcurl_health_check_reports_serving(backend: Backend) {
+    if !require_grpcurl("grpcurl_health_check_reports_serving") {
         return;
     }
     let lab = Lab::new().unwrap();
-    let d = own_daemon(&lab);
+    let d = own_daemon(&lab, backend);
     let reply = d.must(d.grpcurl_call("grpc.health.v1.Health/Check", "{}"));
     assert_eq!(reply["status"], "SERVING", "{reply:#}");
 }
 
-#[test]
-fn grpcurl_set_egress_switches_source_for_both_families_and_back() {
-    if !ready("grpcurl_set_egress_switches_source_for_both_families_and_back") {
+for_each_backend!(grpcurl_health_check_reports_serving);
+
+fn grpcurl_set_egress_switches_source_for_both_families_and_back(backend: Backend) {
+    if !require_grpcurl("grpcurl_set_egress_switches_source_for_both_families_and_back") {
         return;
     }
     let lab = Lab::new().unwrap();
-    let d = own_daemon(&lab);
+    let d = own_daemon(&lab, backend);
     for family in Family::ALL {
         d.assert_upstream_sees(family, family.primary(), "");
     }
@@ -112,7 +110,7 @@ fn grpcurl_set_egress_switches_source_for_both_families_and_back() {
         raw: d.must(d.grpcurl_call(GET, "{}")),
     };
     assert_eq!(get.mode(), "MODE_OWN", "{:#}", get.raw);
-    assert_eq!(get.backend(), "nft", "{:#}", get.raw);
+    assert_eq!(get.backend(), backend.name(), "{:#}", get.raw);
     assert!(get.in_sync(), "{:#}", get.raw);
     assert_eq!(get.generation(), set.generation(), "{:#}", get.raw);
     for family in Family::ALL {
@@ -126,3 +124,5 @@ fn grpcurl_set_egress_switches_source_for_both_families_and_back() {
         d.assert_upstream_sees(family, family.primary(), "");
     }
 }
+
+for_each_backend!(grpcurl_set_egress_switches_source_for_both_families_and_back);

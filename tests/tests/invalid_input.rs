@@ -2,7 +2,7 @@
 //! INVALID_ARGUMENT naming the entry, and both nat tables and state.json stay byte-identical.
 
 use kilo_egress_tests::{
-    Backend, Daemon, DaemonConfig, Family, Lab, require_grpcurl, require_root,
+    Backend, Daemon, DaemonConfig, Family, Lab, for_each_backend, require_grpcurl, require_root,
 };
 
 /// Values that are not a plain unicast IP address usable as a source address.
@@ -96,13 +96,11 @@ fn cli_refuses_invalid_addresses_with_exit_2_and_changes_nothing_legacy() {
     }
 }
 
-#[test]
-fn grpcurl_gets_invalid_argument_naming_the_entry_and_nothing_changes() {
+fn grpcurl_gets_invalid_argument_naming_the_entry_and_nothing_changes(backend: Backend) {
     let test = "grpcurl_gets_invalid_argument_naming_the_entry_and_nothing_changes";
-    if !require_root(test) || !require_grpcurl(test) {
+    if !require_grpcurl(test) {
         return;
     }
-    let backend = Backend::Nft;
     let lab = Lab::new().unwrap();
     let d = daemon_with_choice(&lab, backend);
     let before = snapshot(&lab, &d, backend);
@@ -133,3 +131,5 @@ fn grpcurl_gets_invalid_argument_naming_the_entry_and_nothing_changes() {
         d.context()
     );
 }
+
+for_each_backend!(grpcurl_gets_invalid_argument_naming_the_entry_and_nothing_changes);

@@ -3,63 +3,8 @@
 //! rebuilds KILO-NAT, never removes a rule kg wrote, and `kilo-egressd cleanup` removes only
 //! its own rule.
 
-use kilo_egress_tests::{
-    Backend, DaemonConfig, Family, Iptables, KgAgent, Lab, REPAIR_TIMEOUT, for_each_variant,
-    poll_until,
-};
-
-/// KILO-NAT must be kg's rules with one kilo-egress SNAT to `addr` directly before the last one
-/// (MASQUERADE). Returns a description of what is wrong, or `None`.
-fn snat_before_masquerade_problem(
-    chain: &[String],
-    kg: &KgAgent<'_>,
-    addr: &str,
-) -> Option<String> {
-    let kg_rules = kg.chain_rules();
-    if chain.len() != kg_rules.len() + 1 {
-        return Some(format!(
-            "expected kg's {} rules plus one SNAT",
-            kg_rules.len()
-        ));
-    }
-    let snat = &chain[chain.len() - 2];
-    if !(snat.contains("--comment \"kilo-egress:")
-        && snat.ends_with(&format!("-j SNAT --to-source {addr}")))
-    {
-        return Some(format!(
-            "the rule before MASQUERADE is not our SNAT to {addr}: {snat}"
-        ));
-    }
-    let mut without: Vec<String> = chain.to_vec();
-    without.remove(chain.len() - 2);
-    if without != kg_rules {
-        return Some(format!("kg's rules changed; expected {kg_rules:#?}"));
-    }
-    None
-}
-
-fn wait_for_snat_before_masquerade(
-    ipt: &Iptables<'_>,
-    kg: &KgAgent<'_>,
-    addr: &str,
-) -> anyhow::Result<()> {
-    let mut last = (Vec::new(), None);
-    let ok = poll_until(REPAIR_TIMEOUT, || {
-        let chain = ipt.rules("KILO-NAT").unwrap_or_default();
-        let problem = snat_before_masquerade_problem(&chain, kg, addr);
-        let ok = problem.is_none();
-        last = (chain, problem);
-        ok
-    });
-    if !ok {
-        anyhow::bail!(
-            "KILO-NAT did not get SNAT to {addr} directly before kg's MASQUERADE within {REPAIR_TIMEOUT:?}: {}\nlast seen: {:#?}",
-            last.1.unwrap_or_default(),
-            last.0
-        );
-    }
-    Ok(())
-}
+use kilo_egress_tests::kg::{snat_before_masquerade_problem, wait_for_snat_before_masquerade};
+use kilo_egress_tests::{Backend, DaemonConfig, Family, Lab, REPAIR_TIMEOUT, for_each_variant};
 
 fn snat_sits_directly_before_kg_masquerade_until_cleared(family: Family, backend: Backend) {
     let lab = Lab::new().unwrap();

@@ -2,7 +2,7 @@
 //! address under MASQUERADE, the chosen one after `kilo-egress set`, and the primary one again
 //! after `kilo-egress clear`.
 
-use kilo_egress_tests::{Backend, DaemonConfig, Family, Lab, for_each_variant, require_root};
+use kilo_egress_tests::{Backend, DaemonConfig, Family, Lab, for_each_backend, for_each_variant};
 
 fn upstream_sees_chosen_address_after_set_and_primary_after_clear(
     family: Family,
@@ -136,13 +136,9 @@ fn jump_comes_first_and_chain_returns_then_snats(family: Family, backend: Backen
 }
 for_each_variant!(jump_comes_first_and_chain_returns_then_snats: nft, legacy);
 
-#[test]
-fn set_with_two_addresses_of_one_family_uses_the_first() {
-    if !require_root("set_with_two_addresses_of_one_family_uses_the_first") {
-        return;
-    }
+fn set_with_two_addresses_of_one_family_uses_the_first(backend: Backend) {
     let lab = Lab::new().unwrap();
-    let d = lab.start_daemon(DaemonConfig::own(Backend::Nft)).unwrap();
+    let d = lab.start_daemon(DaemonConfig::own(backend)).unwrap();
     let out = d.must(d.cli(&[
         "set",
         "2001:db8:2::20",
@@ -165,6 +161,8 @@ fn set_with_two_addresses_of_one_family_uses_the_first() {
     assert_eq!(view.egress(Family::V4), "198.51.100.20", "{:#}", view.raw);
     assert_eq!(view.egress(Family::V6), "2001:db8:2::20", "{:#}", view.raw);
 }
+
+for_each_backend!(set_with_two_addresses_of_one_family_uses_the_first);
 
 fn cleanup_removes_everything_it_wrote(family: Family, backend: Backend) {
     let lab = Lab::new().unwrap();

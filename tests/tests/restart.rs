@@ -103,7 +103,7 @@ fn kilo_mode_restart_puts_snat_back_before_api_serves(family: Family, backend: B
     );
     d.assert_upstream_sees(family, family.preferred(), "");
 }
-for_each_variant!(kilo_mode_restart_puts_snat_back_before_api_serves: nft);
+for_each_variant!(kilo_mode_restart_puts_snat_back_before_api_serves: nft, legacy);
 
 fn corrupt_state_file_is_moved_aside_and_masquerade_is_used(family: Family, backend: Backend) {
     let lab = Lab::new().unwrap();
