@@ -14,7 +14,7 @@ pub const TARGET: &str = "kilo_egressd::audit";
 /// How a SetEgress call ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
-    /// The pair was stored and programmed (or, with `dry_run`, previewed).
+    /// The pair was stored and programmed (or, with `dry_run`, previewed: nothing changed).
     Accepted,
     /// The request was malformed (`INVALID_ARGUMENT`); nothing changed.
     Invalid,

@@ -171,11 +171,13 @@ impl EgressService for EgressApi {
                 return Err(error.into());
             }
         };
-        audit(
-            Outcome::Accepted,
-            String::new(),
-            Some((outcome.addrs, outcome.generation)),
-        );
+        // A dry run changes nothing: its audit line shows the pair still in force.
+        let in_force = if outcome.dry_run {
+            self.current().await
+        } else {
+            Some((outcome.addrs, outcome.generation))
+        };
+        audit(Outcome::Accepted, String::new(), in_force);
         Ok(Response::new(pb::SetEgressResponse {
             egress: Some(pair(&outcome.addrs)),
             generation: outcome.generation,

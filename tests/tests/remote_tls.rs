@@ -253,6 +253,24 @@ fn remote_writer_sets_egress_reader_is_denied_and_every_call_is_audited() {
         "{last:#}"
     );
     assert_eq!(last["outcome"], "accepted", "{last:#}");
+
+    // A dry run is audited with the pair still in force, not the previewed one.
+    let out = tls.cli(
+        &lab,
+        &tls.pki.ca(),
+        &tls.writer,
+        &["set", "198.51.100.20", "--dry-run"],
+    );
+    assert!(out.success(), "{out}");
+    assert!(
+        poll_until(Duration::from_secs(5), || {
+            last = audit_lines(&d.log()).pop().unwrap_or_default();
+            last["dry_run"] == true
+        }),
+        "{last:#}"
+    );
+    assert_eq!(last["identity"], WRITER, "{last:#}");
+    assert_eq!(last["egress_ipv4"], "", "nothing changed: {last:#}");
 }
 
 #[test]
