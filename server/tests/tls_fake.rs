@@ -481,3 +481,38 @@ async fn a_writer_over_its_limit_is_refused_at_once_while_another_writer_goes_th
         .unwrap();
     assert_eq!(again.egress.unwrap().ipv4, "198.51.100.21");
 }
+
+#[tokio::test]
+async fn a_rotated_client_ca_admits_its_clients_and_no_longer_the_old_ones() {
+    let tls = start().await;
+    // The clients' trust in the server, kept apart from the client CA file that is replaced.
+    let ca = tls.dir.path().join("server-trust.pem");
+    std::fs::copy(tls.pki.ca(), &ca).unwrap();
+    let old_client = tls.pki.client("old-reader", READER);
+    handshake(tls.addr, &ca, Some(&old_client)).await.unwrap();
+
+    let next = Pki::new(&tls.dir.path().join("next"), "next");
+    let new_client = next.client("new-reader", READER);
+    let err = handshake(tls.addr, &ca, Some(&new_client))
+        .await
+        .unwrap_err();
+    assert!(err.contains("UnknownCA"), "not trusted yet: {err}");
+
+    // Replace the client CA file in place (the server's --client-ca is the CA file itself).
+    let client_ca = tls.reloader.files().client_ca.clone();
+    let tmp = client_ca.with_extension("tmp");
+    std::fs::copy(next.ca(), &tmp).unwrap();
+    std::fs::rename(&tmp, &client_ca).unwrap();
+    assert!(matches!(tls.reloader.reload_if_changed(), Reload::Reloaded));
+
+    handshake(tls.addr, &ca, Some(&new_client))
+        .await
+        .expect("a client of the new CA is accepted");
+    let err = handshake(tls.addr, &ca, Some(&old_client))
+        .await
+        .unwrap_err();
+    assert!(
+        err.contains("UnknownCA"),
+        "the old CA is no longer trusted: {err}"
+    );
+}
