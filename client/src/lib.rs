@@ -1,6 +1,9 @@
-//! Typed client for `kilo.egress.v1.EgressService`: connects over a unix socket or plaintext
-//! loopback HTTP/2, and offers SetEgress, GetRules and the standard health check.
+//! Typed client for `kilo.egress.v1.EgressService`: connects over a unix socket, plaintext
+//! loopback HTTP/2 or mutual TLS ([`tls`]), and offers SetEgress, GetRules and the standard
+//! health check.
 #![forbid(unsafe_code)]
+
+pub mod tls;
 
 use hyper_util::rt::TokioIo;
 use kilo_egress_api::egress::{InvalidEgress, parse_egress_list};
@@ -21,6 +24,8 @@ pub enum ServerAddr {
     Unix(PathBuf),
     /// `http://HOST:PORT`
     Http(String),
+    /// `https://HOST:PORT` (mutual TLS)
+    Https(String),
 }
 
 impl Default for ServerAddr {
@@ -39,6 +44,8 @@ impl std::str::FromStr for ServerAddr {
             }
         } else if text.starts_with("http://") && text.parse::<Uri>().is_ok() {
             return Ok(ServerAddr::Http(text.to_string()));
+        } else if text.starts_with("https://") && text.parse::<Uri>().is_ok() {
+            return Ok(ServerAddr::Https(text.to_string()));
         } else if text.starts_with('/') {
             return Ok(ServerAddr::Unix(PathBuf::from(text)));
         }
@@ -50,7 +57,7 @@ impl std::fmt::Display for ServerAddr {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             ServerAddr::Unix(path) => write!(f, "unix://{}", path.display()),
-            ServerAddr::Http(uri) => f.write_str(uri),
+            ServerAddr::Http(uri) | ServerAddr::Https(uri) => f.write_str(uri),
         }
     }
 }
@@ -60,9 +67,12 @@ impl std::fmt::Display for ServerAddr {
 pub enum ClientError {
     /// `--server` is not a supported address.
     #[error(
-        "invalid server address {0:?}: use unix:///run/kilo-egress/kilo-egressd.sock or http://127.0.0.1:PORT"
+        "invalid server address {0:?}: use unix:///run/kilo-egress/kilo-egressd.sock, http://127.0.0.1:PORT or https://HOST:PORT"
     )]
     Address(String),
+    /// The TLS files are missing or unreadable.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsFilesError),
     /// The addresses to set are invalid; nothing was sent.
     #[error(transparent)]
     Invalid(#[from] InvalidEgress),
@@ -76,8 +86,9 @@ pub enum ClientError {
         /// Why it failed.
         reason: String,
     },
-    /// The server answered with an error status.
-    #[error("{}: {}", .0.code(), .0.message())]
+    /// The server answered with an error status (or the connection failed during the call,
+    /// e.g. the server refused this client's certificate).
+    #[error("{}: {}{}", .0.code(), .0.message(), causes(.0))]
     Status(#[from] tonic::Status),
 }
 
@@ -86,6 +97,20 @@ pub enum ClientError {
 pub struct EgressClient {
     egress: EgressServiceClient<Channel>,
     health: HealthClient<Channel>,
+}
+
+/// The causes behind a status that are not already in its message, as `: cause: cause`.
+fn causes(status: &tonic::Status) -> String {
+    let mut text = String::new();
+    let mut source = std::error::Error::source(status);
+    while let Some(inner) = source {
+        let cause = inner.to_string();
+        if !status.message().contains(&cause) && !text.contains(&cause) {
+            text = format!("{text}: {cause}");
+        }
+        source = inner.source();
+    }
+    text
 }
 
 fn connect_error(addr: &ServerAddr, error: impl std::error::Error) -> ClientError {
@@ -105,10 +130,19 @@ fn connect_error(addr: &ServerAddr, error: impl std::error::Error) -> ClientErro
 }
 
 impl EgressClient {
-    /// Connects to `addr`; fails fast with a message that says what to check.
+    /// Connects to `addr` (not `https://`); fails fast with a message that says what to check.
     pub async fn connect(
         addr: &ServerAddr,
         timeout: Duration,
+    ) -> Result<EgressClient, ClientError> {
+        EgressClient::connect_tls(addr, timeout, &tls::TlsFiles::default()).await
+    }
+
+    /// Connects to `addr`, using `tls` for an `https://` address.
+    pub async fn connect_tls(
+        addr: &ServerAddr,
+        timeout: Duration,
+        tls: &tls::TlsFiles,
     ) -> Result<EgressClient, ClientError> {
         let user_agent = concat!("kilo-egress/", env!("CARGO_PKG_VERSION"));
         let channel = match addr {
@@ -134,6 +168,18 @@ impl EgressClient {
                 Endpoint::from_shared(uri.clone())
                     .map_err(|e| connect_error(addr, e))?
                     .user_agent(user_agent)
+                    .map_err(|e| connect_error(addr, e))?
+                    .connect_timeout(timeout)
+                    .timeout(timeout)
+                    .connect()
+                    .await
+            }
+            ServerAddr::Https(uri) => {
+                Endpoint::from_shared(uri.clone())
+                    .map_err(|e| connect_error(addr, e))?
+                    .user_agent(user_agent)
+                    .map_err(|e| connect_error(addr, e))?
+                    .tls_config(tls.config()?)
                     .map_err(|e| connect_error(addr, e))?
                     .connect_timeout(timeout)
                     .timeout(timeout)
@@ -209,6 +255,10 @@ mod tests {
         assert!(matches!(
             "http://127.0.0.1:7443".parse::<ServerAddr>().unwrap(),
             ServerAddr::Http(_)
+        ));
+        assert!(matches!(
+            "https://node-a:7443".parse::<ServerAddr>().unwrap(),
+            ServerAddr::Https(_)
         ));
         for bad in ["unix://relative", "tcp://1.2.3.4:1", "node-a:7443", ""] {
             assert!(bad.parse::<ServerAddr>().is_err(), "{bad}");

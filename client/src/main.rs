@@ -11,7 +11,8 @@ use std::time::Duration;
 #[derive(Parser)]
 #[command(name = "kilo-egress", version)]
 struct Cli {
-    /// kilo-egressd's address: unix:///PATH or http://127.0.0.1:PORT.
+    /// kilo-egressd's address: unix:///PATH, http://127.0.0.1:PORT or https://HOST:PORT (with
+    /// --ca, --cert and --key).
     #[arg(
         long,
         global = true,
@@ -22,8 +23,24 @@ struct Cli {
     /// Give up on the server after this long.
     #[arg(long, global = true, default_value = "10s", value_parser = humantime_secs)]
     timeout: Duration,
+    #[command(flatten)]
+    tls: TlsArgs,
     #[command(subcommand)]
     command: Command,
+}
+
+/// Mutual TLS for https:// servers.
+#[derive(clap::Args)]
+struct TlsArgs {
+    /// CA certificate (PEM) that signed the server's certificate.
+    #[arg(long, global = true, env = "KILO_EGRESS_CA", value_name = "FILE")]
+    ca: Option<std::path::PathBuf>,
+    /// This client's certificate (PEM), signed by the server's --client-ca.
+    #[arg(long, global = true, env = "KILO_EGRESS_CERT", value_name = "FILE")]
+    cert: Option<std::path::PathBuf>,
+    /// This client's private key (PEM).
+    #[arg(long, global = true, env = "KILO_EGRESS_KEY", value_name = "FILE")]
+    key: Option<std::path::PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -195,10 +212,34 @@ fn print_rules(response: &api::GetRulesResponse, output: Output) {
 }
 
 /// Maps an error to its exit status and prints what to do next.
-fn report(error: &ClientError) -> ExitCode {
+fn report(error: &ClientError, https: bool) -> ExitCode {
     eprintln!("kilo-egress: {error}");
     match error {
-        ClientError::Address(_) => ExitCode::from(2),
+        ClientError::Address(_) | ClientError::Tls(_) => ExitCode::from(2),
+        ClientError::Status(status) if https && error.to_string().contains("transport error") => {
+            eprintln!(
+                "  the TLS connection broke: if the server refused this client's certificate (its log says `TLS handshake rejected` and why), \
+                 --cert and --key must come from the CA the server trusts (its --client-ca) and must not have expired"
+            );
+            if status.code() != tonic::Code::Unknown {
+                eprintln!(
+                    "  a change may still have been applied; run `kilo-egress get` to see the current state"
+                );
+            }
+            ExitCode::from(1)
+        }
+        ClientError::Connect { reason, .. } if reason.contains("invalid peer certificate") => {
+            eprintln!(
+                "  the server's certificate was not accepted: --ca must be the CA that signed it, and it must name the host in --server"
+            );
+            ExitCode::from(1)
+        }
+        ClientError::Status(status) if status.code() == tonic::Code::PermissionDenied => {
+            eprintln!(
+                "  nothing was changed; the server lists the identities that may write with --writer"
+            );
+            ExitCode::from(1)
+        }
         ClientError::Invalid(_) => {
             eprintln!(
                 "  nothing was changed; give one IPv4 and/or one IPv6 address, e.g. kilo-egress set 198.51.100.20 2001:db8::20"
@@ -234,7 +275,12 @@ async fn run(cli: Cli) -> Result<ExitCode, ClientError> {
     if let Command::Set { addrs, .. } = &cli.command {
         kilo_egress_api::egress::parse_egress_list(addrs)?;
     }
-    let mut client = EgressClient::connect(&addr, cli.timeout).await?;
+    let tls = kilo_egress::tls::TlsFiles {
+        ca: cli.tls.ca,
+        cert: cli.tls.cert,
+        key: cli.tls.key,
+    };
+    let mut client = EgressClient::connect_tls(&addr, cli.timeout, &tls).await?;
     match cli.command {
         Command::Set { addrs, write } => {
             let response = client
@@ -263,8 +309,9 @@ async fn run(cli: Cli) -> Result<ExitCode, ClientError> {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    let https = cli.server.starts_with("https://");
     match run(cli).await {
         Ok(code) => code,
-        Err(error) => report(&error),
+        Err(error) => report(&error, https),
     }
 }

@@ -3,14 +3,22 @@
 //! The data flows one way: a request is parsed into a validated pair of addresses ([`service`]),
 //! the engine decides the desired rules ([`rules`], pure) and applies them in one transaction per
 //! family ([`netfilter`]); it keeps them in place against drift, told of changes by
-//! [`nftwatch`], and stores the accepted state ([`state`]). [`server`] puts the gRPC API, health and reflection on a socket ([`listen`]).
+//! [`nftwatch`], and stores the accepted state ([`state`]). [`server`] puts the gRPC API, health
+//! and reflection on a socket ([`listen`]), optionally TCP with mutual TLS ([`tls`]); [`peer`]
+//! names each caller, [`authz`] decides who may write, [`write_limit`] bounds writes in flight,
+//! and [`audit`] logs every SetEgress.
 #![forbid(unsafe_code)]
 
+pub mod audit;
+pub mod authz;
 pub mod engine;
 pub mod listen;
 pub mod netfilter;
 pub mod nftwatch;
+pub mod peer;
 pub mod rules;
 pub mod server;
 pub mod service;
 pub mod state;
+pub mod tls;
+pub mod write_limit;

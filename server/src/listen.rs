@@ -1,5 +1,6 @@
-//! Where the API listens: parsing `--listen` and preparing a unix socket (parent directory
-//! created, a stale socket replaced, a live one refused, mode 0660).
+//! Where the API listens: parsing `--listen`, refusing plaintext TCP beyond loopback, and
+//! preparing a unix socket (parent directory created, a stale socket replaced, a live one
+//! refused, mode 0660, optionally owned by `--socket-group`).
 
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
@@ -10,7 +11,7 @@ use std::path::{Path, PathBuf};
 pub enum ListenAddr {
     /// `unix:///absolute/path.sock`
     Unix(PathBuf),
-    /// `tcp://127.0.0.1:PORT` or `tcp://[::1]:PORT` (loopback only, plaintext).
+    /// `tcp://ADDR:PORT`: plaintext on loopback, mutual TLS required on any other address.
     Tcp(SocketAddr),
 }
 
@@ -29,10 +30,16 @@ pub enum ListenError {
     RelativePath(String),
     /// Plaintext TCP beyond loopback would expose an unauthenticated write API.
     #[error(
-        "refusing to listen on {0}: plaintext TCP is allowed on loopback only (tcp://127.0.0.1:PORT or tcp://[::1]:PORT), \
-         because anyone who reaches the port could change the node's egress address; use the unix socket instead"
+        "refusing to listen on {0} without TLS: plaintext TCP is allowed on loopback only (tcp://127.0.0.1:PORT or tcp://[::1]:PORT), \
+         because anyone who reaches the port could change the node's egress address; \
+         to serve other machines add --tls-cert FILE --tls-key FILE --client-ca FILE (mutual TLS, see docs/security.md), or use the unix socket"
     )]
     NotLoopback(SocketAddr),
+    /// `--socket-group` names no group.
+    #[error(
+        "--socket-group {0:?}: no such group (give a group name from /etc/group or a numeric gid)"
+    )]
+    UnknownGroup(String),
     /// Something that is not a socket is at the path; it is never removed.
     #[error("{0} exists and is not a socket; refusing to replace it (check --listen)")]
     NotASocket(PathBuf),
@@ -67,13 +74,47 @@ impl std::str::FromStr for ListenAddr {
             let addr: SocketAddr = addr
                 .parse()
                 .map_err(|_| ListenError::Syntax(text.to_string()))?;
-            if !addr.ip().is_loopback() {
-                return Err(ListenError::NotLoopback(addr));
-            }
             return Ok(ListenAddr::Tcp(addr));
         }
         Err(ListenError::Syntax(text.to_string()))
     }
+}
+
+impl ListenAddr {
+    /// Refuses a non-loopback TCP address unless mutual TLS is configured.
+    pub fn check_tls(&self, tls: bool) -> Result<(), ListenError> {
+        match self {
+            ListenAddr::Tcp(addr) if !tls && !addr.ip().is_loopback() => {
+                Err(ListenError::NotLoopback(*addr))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Resolves `--socket-group`: a numeric gid, or a group name looked up in `/etc/group`.
+pub fn resolve_group(name: &str) -> Result<u32, ListenError> {
+    if let Ok(gid) = name.parse::<u32>() {
+        return Ok(gid);
+    }
+    let groups =
+        std::fs::read_to_string("/etc/group").map_err(io("read", Path::new("/etc/group")))?;
+    groups
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split(':');
+            let group = fields.next()?;
+            let gid = fields.nth(1)?.parse::<u32>().ok()?;
+            (group == name).then_some(gid)
+        })
+        .next()
+        .ok_or_else(|| ListenError::UnknownGroup(name.to_string()))
+}
+
+/// Gives the socket at `path` to group `gid` (owner unchanged); with mode 0660 the group's
+/// members may connect and nobody else but the owner.
+pub fn set_socket_group(path: &Path, gid: u32) -> Result<(), ListenError> {
+    std::os::unix::fs::chown(path, None, Some(gid)).map_err(io("change the group of", path))
 }
 
 impl std::fmt::Display for ListenAddr {
@@ -137,13 +178,23 @@ mod tests {
     }
 
     #[test]
-    fn refuses_non_loopback_tcp_with_reason() {
-        let err = "tcp://0.0.0.0:7443".parse::<ListenAddr>().unwrap_err();
+    fn refuses_non_loopback_tcp_without_tls_saying_what_to_add() {
+        let any: ListenAddr = "tcp://0.0.0.0:7443".parse().unwrap();
+        let err = any.check_tls(false).unwrap_err();
         assert!(err.to_string().contains("loopback only"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("add --tls-cert FILE --tls-key FILE --client-ca FILE"),
+            "{err}"
+        );
+        let node: ListenAddr = "tcp://192.0.2.10:7443".parse().unwrap();
         assert!(matches!(
-            "tcp://192.0.2.10:7443".parse::<ListenAddr>(),
+            node.check_tls(false),
             Err(ListenError::NotLoopback(_))
         ));
+        node.check_tls(true).unwrap();
+        let loopback: ListenAddr = "tcp://[::1]:7443".parse().unwrap();
+        loopback.check_tls(false).unwrap();
         assert!(matches!(
             "unix://relative.sock".parse::<ListenAddr>(),
             Err(ListenError::RelativePath(_))
@@ -166,6 +217,14 @@ mod tests {
         // The file stays behind after the listener is gone: a stale socket.
         assert!(path.exists());
         bind_unix(&path).await.unwrap();
+    }
+
+    #[test]
+    fn socket_group_by_number_or_name() {
+        assert_eq!(resolve_group("1234").unwrap(), 1234);
+        assert_eq!(resolve_group("root").unwrap(), 0);
+        let err = resolve_group("no-such-group-kilo").unwrap_err();
+        assert!(err.to_string().contains("no such group"), "{err}");
     }
 
     #[tokio::test]

@@ -11,10 +11,13 @@ use kilo_egressd::netfilter::{BackendChoice, IptablesCli, choose_backend};
 use kilo_egressd::rules::{ModeConfig, family_of_net};
 use kilo_egressd::server::{self, Limits};
 use kilo_egressd::state::StateStore;
+use security_args::SecurityArgs;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tracing::info;
+
+mod security_args;
 
 /// Owns the egress decision of the nat chain KILO-NAT: SNAT pod traffic leaving the node to a
 /// chosen IPv4/IPv6 address, MASQUERADE when none is chosen.
@@ -82,9 +85,12 @@ struct CommonArgs {
 struct RunArgs {
     #[command(flatten)]
     common: CommonArgs,
-    /// Where the API listens: unix:///PATH or tcp://127.0.0.1:PORT (loopback only).
-    #[arg(long, env = "KILO_EGRESS_LISTEN", default_value_t = format!("unix://{DEFAULT_SOCKET}"))]
-    listen: String,
+    /// Where the API listens (repeatable): unix:///PATH, tcp://127.0.0.1:PORT (loopback,
+    /// plaintext) or tcp://ADDR:PORT with --tls-cert, --tls-key and --client-ca (mutual TLS).
+    #[arg(long, env = "KILO_EGRESS_LISTEN", value_delimiter = ',', default_values_t = [format!("unix://{DEFAULT_SOCKET}")])]
+    listen: Vec<String>,
+    #[command(flatten)]
+    security: SecurityArgs,
     /// Own mode: pod CIDR whose traffic is NATed (repeatable or comma-separated; IPv4 and/or IPv6).
     #[arg(long, env = "KILO_EGRESS_SOURCE_CIDRS", value_delimiter = ',')]
     source_cidr: Vec<IpNet>,
@@ -211,7 +217,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     let args = cli.run;
     init_logging(args.common.log_format);
-    let listen: ListenAddr = args.listen.parse()?;
+    let listens = args
+        .listen
+        .iter()
+        .map(|l| l.parse::<ListenAddr>())
+        .collect::<Result<Vec<_>, _>>()?;
+    let security = args.security.security()?;
+    for listen in &listens {
+        listen.check_tls(security.tls.is_some())?;
+    }
     let mode = mode_config(&args)?;
     let (backend, backend_reason) = choose_backend(args.common.iptables_backend);
     let netfilter = Arc::new(IptablesCli::new(backend)?);
@@ -234,6 +248,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Engine::start(config, netfilter, StateStore::new(&args.common.state_dir))
     })
     .await??;
-    server::serve(&listen, handle, Limits::default(), shutdown_signal()).await?;
+    server::serve_all(
+        &listens,
+        handle,
+        Limits::default(),
+        security,
+        shutdown_signal(),
+    )
+    .await?;
     Ok(())
 }

@@ -1,52 +1,53 @@
 //! The gRPC service `kilo.egress.v1.EgressService`: converts each request once into a validated
 //! domain value (or an `INVALID_ARGUMENT` status naming the bad entry), hands it to the engine,
-//! and converts the engine's answer back into wire types.
+//! and converts the engine's answer back into wire types. SetEgress is authorized ([`crate::authz`])
+//! and audited ([`crate::audit`]).
 
 use kilo_egress_api::egress::{EgressAddrs, Family, parse_egress_list};
 use kilo_egress_api::pb::{self, egress_service_server::EgressService};
 use tonic::{Request, Response, Status};
-use tracing::info;
 
+use crate::audit::{Outcome, SetEgressAudit};
+use crate::authz::Authorizer;
 use crate::engine::{EngineError, EngineHandle, FamilyReport, SetRequest, StatusReport};
+use crate::peer::PeerInfo;
 
 /// The gRPC front of the engine.
 pub struct EgressApi {
     engine: EngineHandle,
+    authorizer: Authorizer,
 }
 
 impl EgressApi {
-    /// A service that forwards to `engine`.
+    /// A service that forwards to `engine`, with no TLS writers.
     pub fn new(engine: EngineHandle) -> EgressApi {
-        EgressApi { engine }
+        EgressApi::with_authorizer(engine, Authorizer::default())
+    }
+
+    /// A service that forwards to `engine` and lets `authorizer` decide who may write.
+    pub fn with_authorizer(engine: EngineHandle, authorizer: Authorizer) -> EgressApi {
+        EgressApi { engine, authorizer }
+    }
+
+    /// The pair and generation in force now, for the audit line of a call that changed nothing.
+    async fn current(&self) -> Option<(EgressAddrs, u64)> {
+        let report = self.engine.status().await.ok()?;
+        Some((report.addrs, report.generation))
     }
 }
 
-/// Describes who sent a request: unix peer credentials or TCP address, plus the user agent.
-pub fn requester<T>(request: &Request<T>) -> String {
-    let peer = if let Some(uds) = request
-        .extensions()
-        .get::<tonic::transport::server::UdsConnectInfo>()
-    {
-        match &uds.peer_cred {
-            Some(cred) => format!(
-                "unix uid={} gid={} pid={}",
-                cred.uid(),
-                cred.gid(),
-                cred.pid()
-                    .map_or_else(|| "?".to_string(), |p| p.to_string())
-            ),
-            None => "unix".to_string(),
-        }
-    } else if let Some(addr) = request.remote_addr() {
-        format!("tcp {addr}")
-    } else {
-        "unknown".to_string()
-    };
-    match request
+fn user_agent<T>(request: &Request<T>) -> Option<&str> {
+    request
         .metadata()
         .get("user-agent")
         .and_then(|v| v.to_str().ok())
-    {
+}
+
+/// Describes who sent a request: unix peer credentials, TCP address or certificate names, plus
+/// the user agent.
+pub fn requester<T>(request: &Request<T>) -> String {
+    let peer = PeerInfo::of(request).map_or_else(|| "unknown".to_string(), ToString::to_string);
+    match user_agent(request) {
         Some(agent) => format!("{peer} ({agent})"),
         None => peer,
     }
@@ -129,11 +130,31 @@ impl EgressService for EgressApi {
         request: Request<pb::SetEgressRequest>,
     ) -> Result<Response<pb::SetEgressResponse>, Status> {
         let requester = requester(&request);
+        let peer = PeerInfo::of(&request).cloned();
+        let user_agent = user_agent(&request).map(str::to_string);
         let body = request.into_inner();
-        let parsed = parse_egress_list(&body.egress_ips).map_err(|e| {
-            info!(%requester, error = %e, "rejected invalid SetEgress request");
-            Status::invalid_argument(e.to_string())
-        })?;
+        let audit = |outcome, reason: String, result| {
+            SetEgressAudit {
+                peer: peer.as_ref(),
+                user_agent: user_agent.as_deref(),
+                request: &body,
+                outcome,
+                reason,
+                result,
+            }
+            .log()
+        };
+        if let Err(denied) = self.authorizer.may_write(peer.as_ref()) {
+            audit(Outcome::Denied, denied.to_string(), self.current().await);
+            return Err(denied.into());
+        }
+        let parsed = match parse_egress_list(&body.egress_ips) {
+            Ok(parsed) => parsed,
+            Err(e) => {
+                audit(Outcome::Invalid, e.to_string(), self.current().await);
+                return Err(Status::invalid_argument(e.to_string()));
+            }
+        };
         let outcome = self
             .engine
             .set(SetRequest {
@@ -142,7 +163,21 @@ impl EgressService for EgressApi {
                 expected_generation: body.expected_generation,
                 requester,
             })
-            .await?;
+            .await;
+        let outcome = match outcome {
+            Ok(outcome) => outcome,
+            Err(error) => {
+                audit(Outcome::Failed, error.to_string(), self.current().await);
+                return Err(error.into());
+            }
+        };
+        // A dry run changes nothing: its audit line shows the pair still in force.
+        let in_force = if outcome.dry_run {
+            self.current().await
+        } else {
+            Some((outcome.addrs, outcome.generation))
+        };
+        audit(Outcome::Accepted, String::new(), in_force);
         Ok(Response::new(pb::SetEgressResponse {
             egress: Some(pair(&outcome.addrs)),
             generation: outcome.generation,

@@ -13,6 +13,9 @@
 //!   the `kilo-egress` CLI or `grpcurl`.
 //! * [`KgAgent`] writes KILO-NAT the way Kilo's agent (kg) does, for kilo mode.
 //! * [`BusyNode`] fills the nat table like kube-proxy on a busy node (20,000 rules).
+//! * [`pki::Pki`] issues CA, server and client certificates at test time for mutual TLS;
+//!   [`remote::RemoteTls`] runs the daemon with TLS on the node's addresses and drives it from
+//!   the upstream namespace, as another machine would.
 //!
 //! Tests need root; [`require_root`] skips them loudly (or fails them when `CI=true`).
 
@@ -23,6 +26,8 @@ pub mod cmd;
 pub mod daemon;
 pub mod kg;
 pub mod lab;
+pub mod pki;
+pub mod remote;
 
 pub use busy::BusyNode;
 pub use cmd::Captured;
@@ -74,6 +79,25 @@ fn is_root() -> bool {
 /// `CI=true`, or prints a loud `SKIPPED (needs root): <test>` to stderr and returns false.
 pub fn require_root(test: &str) -> bool {
     is_root() || skip_or_fail(test, "needs root")
+}
+
+/// Returns true when python3 can import grpc and grpc_tools (installed by
+/// `tests/setup/python.sh`). Otherwise it panics when `CI=true`, or prints a loud
+/// `SKIPPED (needs python3 grpcio)` to stderr and returns false.
+pub fn require_python_grpc(test: &str) -> bool {
+    let found = std::process::Command::new("python3")
+        .args(["-c", "import grpc, grpc_tools.protoc"])
+        .output()
+        .is_ok_and(|out| out.status.success());
+    found || skip_or_fail(test, "needs python3 grpcio and grpcio-tools")
+}
+
+/// The root of the source tree (the workspace), for files such as `examples/` and `proto/`.
+pub fn source_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
 }
 
 /// Returns true when `grpcurl` is on PATH. Otherwise it panics when `CI=true`, or prints a loud
