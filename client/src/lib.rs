@@ -17,6 +17,8 @@ use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
 pub use kilo_egress_api::pb as api;
 
+pub mod watch;
+
 /// Where the server listens, as `--server` spells it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ServerAddr {

@@ -65,6 +65,8 @@ enum Command {
     },
     /// Exit 0 when kilo-egressd is serving (its rules are programmed), 1 otherwise.
     Health,
+    /// Keep the egress pair equal to this Node's annotation (runs beside kilo-egressd).
+    Watch(kilo_egress::watch::WatchArgs),
 }
 
 #[derive(clap::Args)]
@@ -271,6 +273,9 @@ fn report(error: &ClientError, https: bool) -> ExitCode {
 
 async fn run(cli: Cli) -> Result<ExitCode, ClientError> {
     let addr: ServerAddr = cli.server.parse()?;
+    if let Command::Watch(args) = cli.command {
+        return Ok(kilo_egress::watch::run(addr, cli.timeout, args).await);
+    }
     // Check addresses before connecting, so a typo is reported even when the server is down.
     if let Command::Set { addrs, .. } = &cli.command {
         kilo_egress_api::egress::parse_egress_list(addrs)?;
@@ -295,6 +300,7 @@ async fn run(cli: Cli) -> Result<ExitCode, ClientError> {
             print_set(&response, write.output.output);
         }
         Command::Get { output } => print_rules(&client.get_rules().await?, output.output),
+        Command::Watch(_) => unreachable!("handled before connecting"),
         Command::Health => {
             let status = client.health().await?;
             println!("{}", status.as_str_name());

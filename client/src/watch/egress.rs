@@ -1,0 +1,100 @@
+//! The watcher's view of kilo-egressd: read the programmed pair, set a new one. A trait, so
+//! the controller is tested against a fake; the real implementation reconnects after failures.
+
+use crate::{ClientError, EgressClient, ServerAddr};
+use kilo_egress_api::egress::{EgressAddrs, parse_egress_list};
+use std::future::Future;
+use std::time::Duration;
+
+/// What the watcher needs from kilo-egressd.
+pub trait EgressServer {
+    /// The pair kilo-egressd programs now (GetRules).
+    fn current(&mut self) -> impl Future<Output = Result<EgressAddrs, ClientError>> + Send;
+    /// Programs `entries` (SetEgress; empty clears).
+    fn apply(
+        &mut self,
+        entries: Vec<String>,
+    ) -> impl Future<Output = Result<(), ClientError>> + Send;
+}
+
+/// kilo-egressd over gRPC. The connection is made on first use and dropped after any failure,
+/// so the next call reconnects (kilo-egressd restarted, socket re-created).
+pub struct GrpcEgress {
+    addr: ServerAddr,
+    timeout: Duration,
+    client: Option<EgressClient>,
+}
+
+impl GrpcEgress {
+    /// A client for the server at `addr`, each call bounded by `timeout`.
+    pub fn new(addr: ServerAddr, timeout: Duration) -> GrpcEgress {
+        GrpcEgress {
+            addr,
+            timeout,
+            client: None,
+        }
+    }
+
+    async fn client(&mut self) -> Result<&mut EgressClient, ClientError> {
+        if self.client.is_none() {
+            self.client = Some(EgressClient::connect(&self.addr, self.timeout).await?);
+        }
+        Ok(self.client.as_mut().expect("connected above"))
+    }
+
+    fn forget_on_error<T>(&mut self, result: Result<T, ClientError>) -> Result<T, ClientError> {
+        if result.is_err() {
+            self.client = None;
+        }
+        result
+    }
+}
+
+/// Reads a GetRules pair: empty strings mean "none"; anything unparsable is the server's fault.
+pub fn pair_from_response(
+    pair: Option<crate::api::EgressPair>,
+) -> Result<EgressAddrs, ClientError> {
+    let pair = pair.unwrap_or_default();
+    let entries: Vec<&str> = [pair.ipv4.as_str(), pair.ipv6.as_str()]
+        .into_iter()
+        .filter(|entry| !entry.is_empty())
+        .collect();
+    Ok(parse_egress_list(&entries)?.addrs)
+}
+
+impl EgressServer for GrpcEgress {
+    async fn current(&mut self) -> Result<EgressAddrs, ClientError> {
+        let result = match self.client().await {
+            Ok(client) => client.get_rules().await,
+            Err(error) => Err(error),
+        };
+        let response = self.forget_on_error(result)?;
+        pair_from_response(response.egress)
+    }
+
+    async fn apply(&mut self, entries: Vec<String>) -> Result<(), ClientError> {
+        let result = match self.client().await {
+            Ok(client) => client.set_egress(entries, false, None).await.map(drop),
+            Err(error) => Err(error),
+        };
+        self.forget_on_error(result)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::EgressPair;
+
+    #[test]
+    fn reads_pairs_from_get_rules() {
+        assert_eq!(pair_from_response(None).unwrap(), EgressAddrs::NONE);
+        let pair = pair_from_response(Some(EgressPair {
+            ipv4: String::new(),
+            ipv6: "2001:db8::20".into(),
+        }))
+        .unwrap();
+        assert_eq!(pair.ipv6, Some("2001:db8::20".parse().unwrap()));
+        assert_eq!(pair.ipv4, None);
+    }
+}

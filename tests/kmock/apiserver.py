@@ -1,0 +1,209 @@
+#!/usr/bin/env python3
+"""A small Kubernetes API server for the watcher's tests: kmock's KubernetesEmulator (PyPI `kmock`),
+extended so kube-rs's watcher works against it, plus a client for the tests to drive it.
+
+    apiserver.py serve --port PORT            serve until SIGTERM; prints "listening on http://..."
+    apiserver.py --server URL create-node NAME [KEY=VALUE ...]     annotations on the new Node
+    apiserver.py --server URL annotate NAME KEY=VALUE | KEY-       set or remove one annotation
+    apiserver.py --server URL heartbeat NAME  change the Node's status only (as the kubelet does)
+    apiserver.py --server URL events          print the events.k8s.io Events as one JSON list
+    apiserver.py --server URL expire-watches  end every open watch with a 410 Gone ERROR event
+    apiserver.py --server URL drop-watches    close every open watch stream without an event
+    apiserver.py --server URL requests        print the requests served so far, one per line
+
+What kmock lacks and this adds (see shared/NOTES.md):
+  * metadata.resourceVersion on every create and update (kube-rs's watcher needs it);
+  * list and watch filtered by fieldSelector `metadata.name=X` (the watcher's only selector);
+  * groupVersion `v1` for /api/v1 discovery;
+  * a list resourceVersion, and the control endpoints under /_control/ used above.
+Its watch re-sends every object as ADDED when it starts, like a re-list: the watcher must be
+idempotent.
+"""
+import argparse
+import asyncio
+import datetime
+import itertools
+import json
+import signal
+import sys
+import urllib.error
+import urllib.request
+
+EXPIRE = {'type': '_KMOCK_EXPIRE'}
+DROP = {'type': '_KMOCK_DROP'}
+
+
+def build_emulator():
+    import aiohttp.web
+    import kmock
+
+    class Emulator(kmock.KubernetesEmulator):
+        """KubernetesEmulator with resource versions, field selectors and control endpoints."""
+
+        def __attrs_post_init__(self):
+            super().__attrs_post_init__()
+            self.rv_counter = itertools.count(1)
+            self.rv = 0
+
+        def _next_rv(self):
+            self.rv = next(self.rv_counter)
+            return str(self.rv)
+
+        async def _handle(self, request):
+            if request.url.path.startswith('/_control/'):
+                return await self._control(request)
+            if request.action in (kmock.action.CREATE, kmock.action.UPDATE) and isinstance(request.data, dict):
+                request.data.setdefault('metadata', {})['resourceVersion'] = self._next_rv()
+                if request.action == kmock.action.CREATE:
+                    meta = request.data['metadata']
+                    meta.setdefault('uid', f"uid-{self.rv}")
+                    meta.setdefault('creationTimestamp',
+                                    datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%dT%H:%M:%SZ'))
+            return await super()._handle(request)
+
+        async def _control(self, request):
+            verb = request.url.path.removeprefix('/_control/')
+            if verb in ('expire-watches', 'drop-watches'):
+                marker = EXPIRE if verb == 'expire-watches' else DROP
+                for bus in list(self._buses.values()):
+                    await bus.put(marker)
+                return aiohttp.web.json_response({'done': verb})
+            if verb == 'requests':
+                lines = [f"{r.method} {r.url.path_qs}" for r in self._requests]
+                return aiohttp.web.json_response(lines)
+            return aiohttp.web.json_response({'error': f'unknown control {verb}'}, status=404)
+
+        @staticmethod
+        def _selected_name(request):
+            selector = request.params.get('fieldSelector', '')
+            for term in filter(None, selector.split(',')):
+                key, _, value = term.partition('=')
+                if key == 'metadata.name':
+                    return value.lstrip('=')
+                raise kmock.KubernetesError(status=400, reason='BadRequest',
+                                            message=f'field selector {term!r} is not supported')
+            return None
+
+        @staticmethod
+        def _name_of(obj):
+            return (obj or {}).get('metadata', {}).get('name')
+
+        async def _serve_list(self, request):
+            name = self._selected_name(request)
+            payload = await super()._serve_list(request)
+            if name is not None:
+                payload['items'] = [o for o in payload['items'] if self._name_of(o) == name]
+            payload['metadata'] = {'resourceVersion': str(self.rv)}
+            info = self._resources.get(request.resource) if request.resource in self._resources else None
+            kind = info.kind if info is not None and info.kind else 'Event' if request.resource.plural == 'events' else ''
+            payload['apiVersion'] = f"{request.resource.group}/{request.resource.version}".lstrip('/')
+            payload['kind'] = f"{kind}List"
+            return payload
+
+        async def _serve_watch(self, request):
+            name = self._selected_name(request)
+            async for event in super()._serve_watch(request):
+                if event is EXPIRE or event == EXPIRE:
+                    yield {'type': 'ERROR', 'object': {
+                        'apiVersion': 'v1', 'kind': 'Status', 'metadata': {}, 'status': 'Failure',
+                        'code': 410, 'reason': 'Expired',
+                        'message': 'too old resource version (expired by the test)'}}
+                    return
+                if event is DROP or event == DROP:
+                    return
+                if isinstance(event, dict) and name is not None and self._name_of(event.get('object')) != name:
+                    continue
+                yield event
+
+        async def _serve_version(self, request):
+            payload = await super()._serve_version(request)
+            if request.resource is not None and request.resource.group == '':
+                payload['groupVersion'] = request.resource.version
+            return payload
+
+    return Emulator()
+
+
+async def serve(host, port):
+    import kmock
+    emulator = build_emulator()
+    emulator.resources['v1/nodes'] = kmock.ResourceInfo(
+        kind='Node', singular='node', namespaced=False,
+        verbs={'get', 'list', 'watch', 'create', 'update', 'patch', 'delete'})
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with emulator, kmock.Server(emulator, host=host, port=port) as server:
+        print(f"listening on http://{server.host}:{server.port}", flush=True)
+        await stop.wait()
+
+
+def call(server, method, path, body=None, content_type='application/json'):
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(server + path, data=data, method=method,
+                                     headers={'Content-Type': content_type})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.loads(response.read() or b'null')
+    except urllib.error.HTTPError as error:
+        if error.code == 404 and method == 'GET':
+            return None
+        sys.exit(f"{method} {path}: HTTP {error.code}: {error.read().decode(errors='replace')}")
+
+
+def annotations(pairs):
+    result = {}
+    for pair in pairs:
+        if pair.endswith('-') and '=' not in pair:
+            result[pair[:-1]] = None
+        else:
+            key, sep, value = pair.partition('=')
+            if not sep:
+                sys.exit(f"{pair!r}: expected KEY=VALUE or KEY-")
+            result[key] = value
+    return result
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--server', default='http://127.0.0.1:6443')
+    sub = parser.add_subparsers(dest='command', required=True)
+    p = sub.add_parser('serve')
+    p.add_argument('--host', default='127.0.0.1')
+    p.add_argument('--port', type=int, default=0)
+    p = sub.add_parser('create-node')
+    p.add_argument('name')
+    p.add_argument('annotations', nargs='*')
+    p = sub.add_parser('annotate')
+    p.add_argument('name')
+    p.add_argument('annotation')
+    p = sub.add_parser('heartbeat')
+    p.add_argument('name')
+    for verb in ('events', 'expire-watches', 'drop-watches', 'requests'):
+        sub.add_parser(verb)
+    args = parser.parse_args()
+
+    if args.command == 'serve':
+        asyncio.run(serve(args.host, args.port))
+    elif args.command == 'create-node':
+        meta = {'name': args.name, 'annotations': annotations(args.annotations)}
+        call(args.server, 'POST', '/api/v1/nodes', {'apiVersion': 'v1', 'kind': 'Node', 'metadata': meta})
+    elif args.command == 'annotate':
+        patch = {'metadata': {'annotations': annotations([args.annotation])}}
+        call(args.server, 'PATCH', f'/api/v1/nodes/{args.name}', patch, 'application/merge-patch+json')
+    elif args.command == 'heartbeat':
+        now = datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%dT%H:%M:%S.%fZ')
+        patch = {'status': {'conditions': [{'type': 'Ready', 'status': 'True', 'lastHeartbeatTime': now}]}}
+        call(args.server, 'PATCH', f'/api/v1/nodes/{args.name}', patch, 'application/merge-patch+json')
+    elif args.command == 'events':
+        found = call(args.server, 'GET', '/apis/events.k8s.io/v1/events') or {'items': []}
+        print(json.dumps(found['items']))
+    elif args.command == 'requests':
+        print('\n'.join(call(args.server, 'GET', '/_control/requests')))
+    else:
+        call(args.server, 'POST', f'/_control/{args.command}', {})
+
+
+if __name__ == '__main__':
+    main()
