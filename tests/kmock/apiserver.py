@@ -24,6 +24,7 @@ import asyncio
 import datetime
 import itertools
 import json
+import os
 import signal
 import sys
 import urllib.error
@@ -137,6 +138,10 @@ async def serve(host, port):
     async with emulator, kmock.Server(emulator, host=host, port=port) as server:
         print(f"listening on http://{server.host}:{server.port}", flush=True)
         await stop.wait()
+        # Like a real API server going away: connections are cut; nothing waits for clients
+        # (a graceful aiohttp shutdown would wait for the open watches forever).
+        sys.stdout.flush()
+        os._exit(0)
 
 
 def call(server, method, path, body=None, content_type='application/json'):

@@ -17,6 +17,9 @@
 //!   [`remote::RemoteTls`] runs the daemon with TLS on the node's addresses and drives it from
 //!   the upstream namespace, as another machine would.
 //!
+//! * [`kube::ApiServer`] and [`kube::Watcher`] run a Kubernetes API emulator and `kilo-egress watch`
+//!   beside the daemon.
+//!
 //! Tests need root; [`require_root`] skips them loudly (or fails them when `CI=true`).
 
 #![forbid(unsafe_code)]
@@ -25,6 +28,7 @@ pub mod busy;
 pub mod cmd;
 pub mod daemon;
 pub mod kg;
+pub mod kube;
 pub mod lab;
 pub mod pki;
 pub mod remote;
@@ -54,7 +58,7 @@ pub fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true")
 }
 
-fn skip_or_fail(test: &str, reason: &str) -> bool {
+pub(crate) fn skip_or_fail(test: &str, reason: &str) -> bool {
     if in_ci() {
         panic!("{test}: {reason}, and CI=true: this test must run in CI");
     }
