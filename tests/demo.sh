@@ -49,7 +49,7 @@ if ! command -v cargo >/dev/null 2>&1 && [[ -f $HOME/.cargo/env ]]; then
     # shellcheck disable=SC1091
     source "$HOME/.cargo/env"
 fi
-command -v cargo >/dev/null 2>&1 || die "cargo is missing: install Rust >= 1.88 with rustup (https://rustup.rs)"
+command -v cargo >/dev/null 2>&1 || die "cargo is missing: install Rust >= 1.89 with rustup (https://rustup.rs)"
 show_cmd cargo build --workspace
 cargo build --workspace --quiet
 for bin in kilo-egressd kilo-egress egress-probe; do

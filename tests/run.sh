@@ -43,7 +43,7 @@ if ! command -v cargo >/dev/null 2>&1 && [[ -f $HOME/.cargo/env ]]; then
     source "$HOME/.cargo/env"
 fi
 command -v cargo >/dev/null 2>&1 ||
-    die "cargo is missing: install Rust >= 1.88 with rustup (https://rustup.rs); Debian's cargo is too old"
+    die "cargo is missing: install Rust >= 1.89 with rustup (https://rustup.rs); Debian's cargo is too old"
 if command -v rustup >/dev/null 2>&1; then
     for component in rustfmt clippy; do
         rustup component list --installed 2>/dev/null | grep -q "^$component" || rustup component add "$component"
@@ -68,6 +68,7 @@ command -v grpcurl >/dev/null 2>&1 || die "grpcurl is still missing after pip in
 grpcurl -version 2>&1
 
 step "Setup: Python grpcio (tests/setup/python.sh)"; source tests/setup/python.sh
+source tests/setup/kubernetes.sh
 
 step "Setup: node/npx (for buf)"
 if ! command -v npx >/dev/null 2>&1; then

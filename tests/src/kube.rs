@@ -41,6 +41,16 @@ pub fn require_kmock(test: &str) -> bool {
     found || skip_or_fail(test, "needs kmock: python3 -m pip install kmock")
 }
 
+/// True when `program --version` runs. Otherwise it panics when `CI=true`, or prints a loud
+/// `SKIPPED (needs PROGRAM)` and returns false.
+pub fn require_tool(test: &str, program: &str) -> bool {
+    let found = std::process::Command::new(program)
+        .arg("--version")
+        .output()
+        .is_ok_and(|out| out.status.success());
+    found || skip_or_fail(test, &format!("needs {program}"))
+}
+
 /// True when `kubectl` runs. Otherwise it panics when `CI=true`, or prints a loud
 /// `SKIPPED (needs kubectl)` and returns false.
 pub fn require_kubectl(test: &str) -> bool {

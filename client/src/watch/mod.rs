@@ -28,6 +28,15 @@ pub const FIRST_RETRY: Duration = Duration::from_millis(200);
 /// The longest pause between two attempts to reach kilo-egressd.
 pub const MAX_RETRY: Duration = Duration::from_secs(5);
 
+/// Every Kubernetes API access of the watcher, as RBAC spells it: (API group, resource, verbs).
+/// `deploy/kubernetes` grants exactly this (checked by tests/tests/manifests.rs).
+pub const API_ACCESS: &[(&str, &str, &[&str])] = &[
+    // get: `--once`; list and watch: the watcher, on its own Node only.
+    ("", "nodes", &["get", "list", "watch"]),
+    // create: a new Event; patch: the same Event again (kube's recorder counts a series).
+    ("events.k8s.io", "events", &["create", "patch"]),
+];
+
 /// Arguments of `kilo-egress watch`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct WatchArgs {
@@ -180,5 +189,215 @@ pub async fn watch<E: EgressServer>(
                 retry = (retry * 2).min(MAX_RETRY);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The watch loop and `--once` against kube-rs's mocked client (tower-test): which requests
+    //! they make, and that each is covered by [`API_ACCESS`].
+    use super::*;
+    use crate::ClientError;
+    use crate::watch::controller::REASON_APPLIED;
+    use crate::watch::egress::EgressServer;
+    use http::{Method, Request, Response};
+    use kilo_egress_api::egress::EgressAddrs;
+    use kube::client::Body;
+    use serde_json::{Value, json};
+    use std::sync::{Arc, Mutex};
+    use tower_test::mock;
+
+    #[derive(Clone, Default)]
+    struct Recorded(Arc<Mutex<Vec<Vec<String>>>>);
+
+    impl EgressServer for Recorded {
+        async fn current(&mut self) -> Result<EgressAddrs, ClientError> {
+            Ok(EgressAddrs::NONE)
+        }
+        async fn apply(&mut self, entries: Vec<String>) -> Result<(), ClientError> {
+            self.0.lock().unwrap().push(entries);
+            Ok(())
+        }
+    }
+
+    fn node_json() -> Value {
+        json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": "node-a", "uid": "u", "resourceVersion": "5",
+                         "annotations": {"kilo.squat.ai/egress-ip": "198.51.100.20"}},
+        })
+    }
+
+    fn args(once: bool) -> WatchArgs {
+        WatchArgs {
+            node: "node-a".into(),
+            annotation: DEFAULT_ANNOTATION.into(),
+            resync_interval: Duration::from_secs(60),
+            once,
+        }
+    }
+
+    /// The RBAC (group, resource, verb) of a request, as the API server authorizes it.
+    fn access_of(method: &Method, uri: &http::Uri) -> (String, String, String) {
+        let parts: Vec<&str> = uri.path().trim_start_matches('/').split('/').collect();
+        let (group, rest) = match parts.as_slice() {
+            ["api", _version, rest @ ..] => (String::new(), rest.to_vec()),
+            ["apis", group, _version, rest @ ..] => (group.to_string(), rest.to_vec()),
+            _ => panic!("not a resource path: {uri}"),
+        };
+        let rest = match rest.as_slice() {
+            ["namespaces", _ns, rest @ ..] => rest.to_vec(),
+            _ => rest,
+        };
+        let named = rest.len() > 1;
+        let query = uri.query().unwrap_or_default();
+        let verb = match *method {
+            Method::GET if query.contains("watch=true") => "watch",
+            Method::GET if named => "get",
+            Method::GET => "list",
+            Method::POST => "create",
+            Method::PATCH => "patch",
+            _ => panic!("unexpected method {method} {uri}"),
+        };
+        (group, rest[0].to_string(), verb.to_string())
+    }
+
+    fn assert_granted(access: &(String, String, String)) {
+        let (group, resource, verb) = access;
+        assert!(
+            API_ACCESS
+                .iter()
+                .any(|(g, r, verbs)| g == group && r == resource && verbs.contains(&verb.as_str())),
+            "{access:?} is not in API_ACCESS"
+        );
+    }
+
+    #[test]
+    fn access_of_reads_rbac_from_requests() {
+        let cases = [
+            (Method::GET, "/api/v1/nodes/node-a", ("", "nodes", "get")),
+            (
+                Method::GET,
+                "/api/v1/nodes?fieldSelector=metadata.name%3Dnode-a",
+                ("", "nodes", "list"),
+            ),
+            (
+                Method::GET,
+                "/api/v1/nodes?watch=true",
+                ("", "nodes", "watch"),
+            ),
+            (
+                Method::POST,
+                "/apis/events.k8s.io/v1/namespaces/default/events",
+                ("events.k8s.io", "events", "create"),
+            ),
+            (
+                Method::PATCH,
+                "/apis/events.k8s.io/v1/namespaces/default/events/e.1",
+                ("events.k8s.io", "events", "patch"),
+            ),
+        ];
+        for (method, uri, (g, r, v)) in cases {
+            let got = access_of(&method, &uri.parse().unwrap());
+            assert_eq!(
+                got,
+                (g.to_string(), r.to_string(), v.to_string()),
+                "{method} {uri}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn once_gets_its_node_applies_and_posts_an_event() {
+        let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
+        let server = tokio::spawn(async move {
+            let mut seen = Vec::new();
+            while let Some((request, send)) = handle.next_request().await {
+                let access = access_of(request.method(), request.uri());
+                let body = match access.2.as_str() {
+                    "get" => {
+                        assert_eq!(request.uri().path(), "/api/v1/nodes/node-a");
+                        serde_json::to_vec(&node_json()).unwrap()
+                    }
+                    _ => request.into_body().collect_bytes().await.unwrap().to_vec(),
+                };
+                send.send_response(Response::builder().body(Body::from(body)).unwrap());
+                seen.push(access);
+            }
+            seen
+        });
+        let egress = Recorded::default();
+        let client = Client::new(service, "default");
+        let controller =
+            Controller::new(egress.clone(), client.clone(), DEFAULT_ANNOTATION, "node-a");
+        let code = once(client, controller, &args(true)).await;
+        assert_eq!(code, ExitCode::SUCCESS);
+        assert_eq!(
+            *egress.0.lock().unwrap(),
+            [vec!["198.51.100.20".to_string()]]
+        );
+        let seen = server.await.unwrap();
+        let verbs: Vec<&str> = seen.iter().map(|a| a.2.as_str()).collect();
+        assert_eq!(verbs, ["get", "create"]);
+        seen.iter().for_each(assert_granted);
+    }
+
+    #[tokio::test]
+    async fn watch_lists_and_watches_only_its_own_node() {
+        let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
+        let egress = Recorded::default();
+        let client = Client::new(service, "default");
+        let controller =
+            Controller::new(egress.clone(), client.clone(), DEFAULT_ANNOTATION, "node-a");
+        let watching = tokio::spawn(async move { watch(client, controller, &args(false)).await });
+        let mut seen = Vec::new();
+        let mut events = Vec::new();
+        let served = tokio::time::timeout(Duration::from_secs(10), async {
+            let watched = |seen: &[(String, String, String)]| seen.iter().any(|a| a.2 == "watch");
+            while !watched(&seen) || events.is_empty() {
+                let (request, send) = handle
+                    .next_request()
+                    .await
+                    .expect("the watcher keeps asking");
+                let access = access_of(request.method(), request.uri());
+                let query = request.uri().query().unwrap_or_default().to_string();
+                let body = match access.2.as_str() {
+                    "list" | "watch" => {
+                        assert!(
+                            query.contains("fieldSelector=metadata.name%3Dnode-a"),
+                            "every list and watch selects its own Node: {}",
+                            request.uri()
+                        );
+                        if access.2 == "list" {
+                            json!({"apiVersion": "v1", "kind": "NodeList",
+                                   "metadata": {"resourceVersion": "5"}, "items": [node_json()]})
+                            .to_string()
+                            .into_bytes()
+                        } else {
+                            Vec::new()
+                        }
+                    }
+                    _ => {
+                        let body = request.into_body().collect_bytes().await.unwrap().to_vec();
+                        events.push(serde_json::from_slice::<Value>(&body).unwrap());
+                        body
+                    }
+                };
+                send.send_response(Response::builder().body(Body::from(body)).unwrap());
+                seen.push(access);
+            }
+        })
+        .await;
+        watching.abort();
+        assert!(
+            served.is_ok(),
+            "no list, watch and Event within 10 s: {seen:?}"
+        );
+        seen.iter().for_each(assert_granted);
+        assert_eq!(
+            *egress.0.lock().unwrap(),
+            [vec!["198.51.100.20".to_string()]]
+        );
+        assert_eq!(events[0]["reason"], REASON_APPLIED);
     }
 }
