@@ -296,19 +296,15 @@ impl Watcher {
         })
     }
 
-    /// Runs `kilo-egress --server <daemon> watch --once --node NODE` to completion.
+    /// Runs `NODE_NAME=NODE kilo-egress --server <daemon> watch --once` to completion (the node
+    /// name as the DaemonSet passes it, from the downward API).
     pub fn once(api: &ApiServer<'_>, daemon: &Daemon<'_>) -> anyhow::Result<Captured> {
         let server = daemon.server_url();
-        let args = [
-            "--server",
-            server.as_str(),
-            "watch",
-            "--once",
-            "--node",
-            NODE,
-        ];
+        let args = ["--server", server.as_str(), "watch", "--once"];
         let mut command = cmd::netns_command(&api.lab.node, bin_path("kilo-egress"), &args);
-        command.env("KUBECONFIG", api.kubeconfig());
+        command
+            .env("KUBECONFIG", api.kubeconfig())
+            .env("NODE_NAME", NODE);
         cmd::capture(&mut command, None)
     }
 
