@@ -201,6 +201,11 @@ fn daemonset_runs_everywhere_with_only_the_privileges_it_needs() {
             "{overlay}: {}",
             daemon["args"]
         );
+        assert!(
+            strings(&daemon["args"]).contains(&"--iptables-backend=auto"),
+            "{overlay}: the host's backend is detected: {}",
+            daemon["args"]
+        );
         let mounts: Vec<&str> = daemon["volumeMounts"]
             .as_array()
             .unwrap()

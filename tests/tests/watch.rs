@@ -3,6 +3,7 @@
 //! sees; invalid values are reported as Events and change nothing; the watcher survives watch
 //! drops, `410 Gone`, an API server restart and a kilo-egressd restart that lost its state.
 
+use kilo_egress_tests::kg::snat_before_masquerade_problem;
 use kilo_egress_tests::kube::{
     ANNOTATION, ApiServer, FOLLOW_TIMEOUT, RECOVER_TIMEOUT, Watcher, require_kmock,
     require_kubectl, wait_for_pair,
@@ -96,6 +97,48 @@ fn annotating_a_node_moves_pod_egress_and_removing_it_brings_masquerade_back() {
     let notes = must(api.event_notes(APPLIED), &w);
     assert!(notes.last().unwrap().contains("MASQUERADE"), "{notes:?}");
 
+    stop_cleanly(&mut w);
+}
+
+#[test]
+fn on_a_kilo_node_the_annotation_puts_snat_before_kgs_masquerade_for_both_families() {
+    if !may_run("on_a_kilo_node_the_annotation_puts_snat_before_kgs_masquerade_for_both_families") {
+        return;
+    }
+    // The default deployment: Kilo's agent owns KILO-NAT, kilo-egressd runs in kilo mode.
+    let lab = Lab::new().unwrap();
+    for family in Family::ALL {
+        lab.kg(Backend::Nft, family).sync().unwrap();
+    }
+    let d = lab.start_daemon(DaemonConfig::kilo(Backend::Nft)).unwrap();
+    let api = ApiServer::start(&lab).unwrap();
+    let annotated = format!("{ANNOTATION}={V6}, {V4}");
+    api.create_node(&[&annotated])
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let mut w = Watcher::start(&api, &d, &[]).unwrap();
+    must(wait_for_pair(&d, &w, V4, V6, FOLLOW_TIMEOUT), &w);
+    for family in Family::ALL {
+        let kg = lab.kg(Backend::Nft, family);
+        let ok = poll_until(FOLLOW_TIMEOUT, || {
+            let chain = lab
+                .iptables(Backend::Nft, family)
+                .rules("KILO-NAT")
+                .unwrap_or_default();
+            snat_before_masquerade_problem(&chain, &kg, family.preferred()).is_none()
+        });
+        assert!(
+            ok,
+            "{}: SNAT directly before kg's MASQUERADE{}",
+            family.name(),
+            d.context()
+        );
+        d.must(lab.wait_for_source(family, family.preferred(), FOLLOW_TIMEOUT));
+    }
+    must(api.remove_annotation(), &w);
+    must(wait_for_pair(&d, &w, "", "", FOLLOW_TIMEOUT), &w);
+    for family in Family::ALL {
+        d.must(lab.wait_for_source(family, family.primary(), FOLLOW_TIMEOUT));
+    }
     stop_cleanly(&mut w);
 }
 
