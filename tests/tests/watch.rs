@@ -1,7 +1,8 @@
 //! `kilo-egress watch` with the real kilo-egressd, a Kubernetes API emulator (kmock) and real
 //! `kubectl`, all in the lab's node namespace: the annotation drives the rules and what upstream
 //! sees; invalid values are reported as Events and change nothing; the watcher survives watch
-//! drops, `410 Gone`, an API server restart and a kilo-egressd restart that lost its state.
+//! drops, `410 Gone`, an API server restart and a kilo-egressd restart that lost its state, and
+//! names a Node that is not (yet) registered.
 
 use kilo_egress_tests::kg::snat_before_masquerade_problem;
 use kilo_egress_tests::kube::{
@@ -210,8 +211,13 @@ fn watcher_resumes_after_410_gone_a_dropped_watch_and_an_api_server_restart() {
     }
     let lab = Lab::new().unwrap();
     let first = format!("{ANNOTATION}={V4}");
-    let (d, mut api) = setup(&lab, &[&first]);
+    let d = lab.start_daemon(DaemonConfig::own(Backend::Nft)).unwrap();
+    let mut api = ApiServer::start(&lab).unwrap();
+    // Started before its Node is registered, the watcher says what it waits for.
     let mut w = Watcher::start(&api, &d, &[]).unwrap();
+    let waiting = poll_until(RECOVER_TIMEOUT, || w.log().contains("no Node of this name"));
+    assert!(waiting, "the watcher names the missing Node{}", w.context());
+    must(api.create_node(&[&first]), &w);
     must(wait_for_pair(&d, &w, V4, "", FOLLOW_TIMEOUT), &w);
 
     // 410 Gone: the watcher lists again and watches anew.

@@ -137,6 +137,8 @@ pub async fn watch<E: EgressServer>(
     let stop = terminate();
     tokio::pin!(stop);
     let mut node: Option<Node> = None;
+    // Whether the current (re)list returned the Node.
+    let mut listed = false;
     let mut retry = FIRST_RETRY;
     let mut failing = false;
     let mut next_check = Instant::now() + args.resync_interval;
@@ -145,6 +147,7 @@ pub async fn watch<E: EgressServer>(
             _ = &mut stop => return ExitCode::SUCCESS,
             event = events.next() => match event {
                 Some(Ok(watcher::Event::Apply(seen) | watcher::Event::InitApply(seen))) => {
+                    listed = true;
                     let result = controller.observe(&seen).await;
                     node = Some(seen);
                     result
@@ -154,7 +157,17 @@ pub async fn watch<E: EgressServer>(
                     node = None;
                     continue;
                 }
-                Some(Ok(watcher::Event::Init | watcher::Event::InitDone)) => continue,
+                Some(Ok(watcher::Event::Init)) => {
+                    listed = false;
+                    continue;
+                }
+                Some(Ok(watcher::Event::InitDone)) => {
+                    if !listed {
+                        warn!(node = %args.node, "no Node of this name: check --node (NODE_NAME); waiting for it to appear");
+                        node = None;
+                    }
+                    continue;
+                }
                 Some(Err(err)) => {
                     warn!(error = %err, "watching the Node failed; resuming with backoff");
                     continue;
