@@ -273,9 +273,6 @@ fn report(error: &ClientError, https: bool) -> ExitCode {
 
 async fn run(cli: Cli) -> Result<ExitCode, ClientError> {
     let addr: ServerAddr = cli.server.parse()?;
-    if let Command::Watch(args) = cli.command {
-        return Ok(kilo_egress::watch::run(addr, cli.timeout, args).await);
-    }
     // Check addresses before connecting, so a typo is reported even when the server is down.
     if let Command::Set { addrs, .. } = &cli.command {
         kilo_egress_api::egress::parse_egress_list(addrs)?;
@@ -285,6 +282,9 @@ async fn run(cli: Cli) -> Result<ExitCode, ClientError> {
         cert: cli.tls.cert,
         key: cli.tls.key,
     };
+    if let Command::Watch(args) = cli.command {
+        return Ok(kilo_egress::watch::run(addr, cli.timeout, tls, args).await);
+    }
     let mut client = EgressClient::connect_tls(&addr, cli.timeout, &tls).await?;
     match cli.command {
         Command::Set { addrs, write } => {

@@ -1,6 +1,7 @@
 //! The watcher's view of kilo-egressd: read the programmed pair, set a new one. A trait, so
 //! the controller is tested against a fake; the real implementation reconnects after failures.
 
+use crate::tls::TlsFiles;
 use crate::{ClientError, EgressClient, ServerAddr};
 use kilo_egress_api::egress::{EgressAddrs, parse_egress_list};
 use std::future::Future;
@@ -22,22 +23,26 @@ pub trait EgressServer {
 pub struct GrpcEgress {
     addr: ServerAddr,
     timeout: Duration,
+    tls: TlsFiles,
     client: Option<EgressClient>,
 }
 
 impl GrpcEgress {
-    /// A client for the server at `addr`, each call bounded by `timeout`.
-    pub fn new(addr: ServerAddr, timeout: Duration) -> GrpcEgress {
+    /// A client for the server at `addr` (with `tls` for an `https://` address), each call
+    /// bounded by `timeout`.
+    pub fn new(addr: ServerAddr, timeout: Duration, tls: TlsFiles) -> GrpcEgress {
         GrpcEgress {
             addr,
             timeout,
+            tls,
             client: None,
         }
     }
 
     async fn client(&mut self) -> Result<&mut EgressClient, ClientError> {
         if self.client.is_none() {
-            self.client = Some(EgressClient::connect(&self.addr, self.timeout).await?);
+            self.client =
+                Some(EgressClient::connect_tls(&self.addr, self.timeout, &self.tls).await?);
         }
         Ok(self.client.as_mut().expect("connected above"))
     }

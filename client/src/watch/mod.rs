@@ -8,6 +8,7 @@ pub mod decide;
 pub mod egress;
 
 use crate::ServerAddr;
+use crate::tls::TlsFiles;
 use controller::{Controller, Outcome};
 use egress::{EgressServer, GrpcEgress};
 use futures::StreamExt;
@@ -65,9 +66,15 @@ fn init_logging() {
         .try_init();
 }
 
-/// Runs `kilo-egress watch` against kilo-egressd at `server` (each call bounded by `timeout`)
-/// and the Kubernetes API from the environment (in-cluster, `KUBECONFIG` or `~/.kube/config`).
-pub async fn run(server: ServerAddr, timeout: Duration, args: WatchArgs) -> ExitCode {
+/// Runs `kilo-egress watch` against kilo-egressd at `server` (each call bounded by `timeout`,
+/// `tls` for an `https://` server) and the Kubernetes API from the environment (in-cluster,
+/// `KUBECONFIG` or `~/.kube/config`).
+pub async fn run(
+    server: ServerAddr,
+    timeout: Duration,
+    tls: TlsFiles,
+    args: WatchArgs,
+) -> ExitCode {
     init_logging();
     let client = match Client::try_default().await {
         Ok(client) => client,
@@ -76,7 +83,7 @@ pub async fn run(server: ServerAddr, timeout: Duration, args: WatchArgs) -> Exit
             return ExitCode::from(1);
         }
     };
-    let egress = GrpcEgress::new(server.clone(), timeout);
+    let egress = GrpcEgress::new(server.clone(), timeout, tls);
     let controller = Controller::new(egress, client.clone(), &args.annotation, &args.node);
     info!(node = %args.node, annotation = %args.annotation, server = %server, once = args.once, "kilo-egress watch starting");
     if args.once {
