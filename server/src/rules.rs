@@ -4,6 +4,7 @@
 
 use ipnet::IpNet;
 use kilo_egress_api::egress::Family;
+use std::collections::HashSet;
 use std::fmt;
 use std::net::IpAddr;
 
@@ -50,20 +51,43 @@ impl Rule {
             .and_then(|i| tokens.get(i + 1).cloned())
     }
 
-    /// The rule's target (`-j TARGET`), if it has one.
+    /// The rule's target (`-j TARGET`), if it has one. In canonical form the target follows
+    /// every match, so the last ` -j ` outside quotes is it; no full tokenizing is needed (this
+    /// runs for every rule of a chain on every change).
     pub fn target(&self) -> Option<String> {
-        let tokens = tokenize(&self.args);
-        tokens
-            .iter()
-            .position(|t| t == "-j")
-            .and_then(|i| tokens.get(i + 1).cloned())
+        let args = self.args.as_str();
+        let start = if let Some(rest) = args.strip_prefix("-j ") {
+            Some(args.len() - rest.len())
+        } else {
+            args.rmatch_indices(" -j ")
+                .map(|(i, _)| i + 4)
+                .find(|&i| outside_quotes(&args[..i]))
+        }?;
+        args[start..].split_whitespace().next().map(str::to_string)
     }
 
     /// True when the service wrote this rule (its comment carries the owned prefix).
     pub fn is_owned(&self) -> bool {
-        self.comment()
-            .is_some_and(|c| c.starts_with(OWNED_COMMENT_PREFIX))
+        // Most rules of a busy chain are not ours: skip tokenizing them.
+        self.args.contains(OWNED_COMMENT_PREFIX)
+            && self
+                .comment()
+                .is_some_and(|c| c.starts_with(OWNED_COMMENT_PREFIX))
     }
+}
+
+/// Whether the end of `text` lies outside a double-quoted string (`\"` escapes a quote).
+fn outside_quotes(text: &str) -> bool {
+    let mut inside = false;
+    let mut escaped = false;
+    for c in text.chars() {
+        match c {
+            '\\' if inside && !escaped => escaped = true,
+            '"' if !escaped => inside = !inside,
+            _ => escaped = false,
+        }
+    }
+    !inside
 }
 
 impl fmt::Display for Rule {
@@ -363,8 +387,11 @@ pub fn describe_drift(mode: &ModeConfig, observed: &Observed, desired: &Desired)
     match (&observed.kilo_nat, &desired.kilo_nat) {
         (None, Some(_)) => drift.push(format!("chain {KILO_NAT} is missing")),
         (Some(have), Some(want)) if have != want => {
-            let missing: Vec<&Rule> = want.iter().filter(|r| !have.contains(r)).collect();
-            let extra: Vec<&Rule> = have.iter().filter(|r| !want.contains(r)).collect();
+            // Sets, not nested scans: chains can hold thousands of rules.
+            let have_set: HashSet<&Rule> = have.iter().collect();
+            let want_set: HashSet<&Rule> = want.iter().collect();
+            let missing: Vec<&Rule> = want.iter().filter(|r| !have_set.contains(r)).collect();
+            let extra: Vec<&Rule> = have.iter().filter(|r| !want_set.contains(r)).collect();
             for rule in &missing {
                 drift.push(format!("missing rule: {rule}"));
             }
@@ -668,6 +695,33 @@ mod tests {
         );
         assert!(rules[0].rule.is_owned());
         assert_eq!(rules[0].rule.target().as_deref(), Some("SNAT"));
+    }
+
+    #[test]
+    fn target_is_found_past_quoted_comments() {
+        let cases = [
+            ("-j RETURN", Some("RETURN")),
+            (
+                r#"-m comment --comment "a -j B" -j SNAT --to-source 192.0.2.1"#,
+                Some("SNAT"),
+            ),
+            (
+                r#"-m comment --comment "x \" -j Y" -j MASQUERADE"#,
+                Some("MASQUERADE"),
+            ),
+            (r#"-m comment --comment "only -j FAKE""#, None),
+            ("-d 10.0.0.0/8", None),
+        ];
+        for (args, target) in cases {
+            let rule = Rule::new(KILO_NAT, args.to_string());
+            assert_eq!(rule.target().as_deref(), target, "{args}");
+            let tokens = tokenize(args);
+            let slow = tokens
+                .iter()
+                .position(|t| t == "-j")
+                .and_then(|i| tokens.get(i + 1));
+            assert_eq!(rule.target().as_ref(), slow, "{args}: same as tokenizing");
+        }
     }
 
     #[test]
