@@ -53,7 +53,12 @@ fn tick_label(exp: i32, unit: &str) -> String {
 
 /// Renders the panels in a 2-column grid as a standalone SVG document.
 pub fn render(panels: &[Panel]) -> String {
-    let points = || panels.iter().flat_map(|p| &p.series).flat_map(|s| &s.points);
+    let points = || {
+        panels
+            .iter()
+            .flat_map(|p| &p.series)
+            .flat_map(|s| &s.points)
+    };
     let (x_lo, x_hi) = decades(points().map(|p| p.0));
     let (y_lo, y_hi) = decades(points().flat_map(|p| [p.1, p.2, p.3]));
     let rows = panels.len().div_ceil(2).max(1);
@@ -89,9 +94,7 @@ pub fn render(panels: &[Panel]) -> String {
     for (index, panel) in panels.iter().enumerate() {
         let left = MARGIN_L + (index % 2) as f64 * (PANEL_W + GAP_X);
         let top = MARGIN_T + (index / 2) as f64 * (PANEL_H + GAP_Y) + 20.0;
-        let sx = |x: f64| {
-            left + (x.log10() - x_lo as f64) / (x_hi - x_lo) as f64 * PANEL_W
-        };
+        let sx = |x: f64| left + (x.log10() - x_lo as f64) / (x_hi - x_lo) as f64 * PANEL_W;
         let sy = |y: f64| {
             top + PANEL_H - (y.max(1e-9).log10() - y_lo as f64) / (y_hi - y_lo) as f64 * PANEL_H
         };
@@ -196,7 +199,10 @@ mod tests {
         let svg = render(&[panel]);
         assert!(svg.starts_with("<svg") && svg.ends_with("</svg>\n"));
         assert_eq!(svg.matches("<polyline").count(), 2);
-        assert!(svg.contains(">10,000 ms<"), "y axis reaches the next decade");
+        assert!(
+            svg.contains(">10,000 ms<"),
+            "y axis reaches the next decade"
+        );
         assert!(svg.contains(">1,000<"), "x axis labels rule counts");
         assert_eq!(decades([0.5, 3000.0].into_iter()), (-1, 4));
     }

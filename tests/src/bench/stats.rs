@@ -120,7 +120,10 @@ mod tests {
     #[test]
     fn quartiles_interpolate_between_ranks() {
         let s = Summary::of_ms(&[4.0, 1.0, 3.0, 2.0, 5.0]).unwrap();
-        assert_eq!((s.min, s.p25, s.p50, s.p75, s.max), (1.0, 2.0, 3.0, 4.0, 5.0));
+        assert_eq!(
+            (s.min, s.p25, s.p50, s.p75, s.max),
+            (1.0, 2.0, 3.0, 4.0, 5.0)
+        );
         let even = Summary::of_ms(&[1.0, 2.0, 3.0, 4.0]).unwrap();
         assert_eq!(even.p50, 2.5);
         assert!(Summary::of_ms(&[]).is_none());
