@@ -24,6 +24,7 @@ const PANEL_W: f64 = 440.0;
 const PANEL_H: f64 = 300.0;
 const MARGIN_L: f64 = 70.0;
 const MARGIN_T: f64 = 70.0;
+const MARGIN_R: f64 = 40.0;
 const GAP_X: f64 = 90.0;
 const GAP_Y: f64 = 80.0;
 
@@ -62,7 +63,7 @@ pub fn render(panels: &[Panel]) -> String {
     let (x_lo, x_hi) = decades(points().map(|p| p.0));
     let (y_lo, y_hi) = decades(points().flat_map(|p| [p.1, p.2, p.3]));
     let rows = panels.len().div_ceil(2).max(1);
-    let width = MARGIN_L + 2.0 * PANEL_W + GAP_X;
+    let width = MARGIN_L + 2.0 * PANEL_W + GAP_X + MARGIN_R;
     let height = MARGIN_T + rows as f64 * (PANEL_H + GAP_Y);
     let mut svg = String::new();
     let _ = writeln!(
