@@ -6,7 +6,8 @@
 # (never touching the host's rules) and writes docs/benchmarks/{results.json,results.md,setegress.svg}.
 # Takes about 10 minutes on 2 vCPU. Arguments go to egress-bench:
 #   --quick                 tiny sizes, about a minute (a smoke run, not results)
-#   --out DIR               write the results elsewhere (default docs/benchmarks)
+#   --out DIR               write the results elsewhere (default docs/benchmarks; with --quick
+#                           target/bench-quick)
 #   --only PHASE,..         setegress, ten-thousand, concurrent, drift, idle
 #   --idle-seconds N        length of the idle CPU window (default 60)
 # docs/BENCHMARKS.md says what is measured and how to read the results.

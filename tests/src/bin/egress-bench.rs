@@ -51,9 +51,10 @@ struct Cli {
     /// Tiny sizes and few iterations: a smoke run of every phase.
     #[arg(long)]
     quick: bool,
-    /// Where results.json, results.md and setegress.svg are written.
-    #[arg(long, default_value = "docs/benchmarks")]
-    out: PathBuf,
+    /// Where results.json, results.md and setegress.svg are written (default docs/benchmarks,
+    /// with --quick target/bench-quick).
+    #[arg(long)]
+    out: Option<PathBuf>,
     /// Only these phases (comma-separated): setegress, ten-thousand, concurrent, drift, idle.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
@@ -460,11 +461,18 @@ fn bench_main(cli: &Cli) -> anyhow::Result<()> {
         machine.load_after = loadavg();
     }
     results.targets = targets(&results);
-    write_outputs(&cli.out, &results)?;
+    let out = cli.out.clone().unwrap_or_else(|| {
+        PathBuf::from(if cli.quick {
+            "target/bench-quick"
+        } else {
+            "docs/benchmarks"
+        })
+    });
+    write_outputs(&out, &results)?;
     println!("\n{}", markdown(&results));
     println!(
         "wrote {}/results.json, results.md, setegress.svg in {:.0} s",
-        cli.out.display(),
+        out.display(),
         results.duration_s
     );
     Ok(())
