@@ -22,10 +22,10 @@ pub struct Panel {
 const COLORS: [&str; 3] = ["#1b7837", "#2166ac", "#b2182b"];
 const PANEL_W: f64 = 440.0;
 const PANEL_H: f64 = 300.0;
-const MARGIN_L: f64 = 70.0;
+const MARGIN_L: f64 = 100.0;
 const MARGIN_T: f64 = 70.0;
 const MARGIN_R: f64 = 40.0;
-const GAP_X: f64 = 90.0;
+const GAP_X: f64 = 110.0;
 const GAP_Y: f64 = 80.0;
 
 /// The decades [10^lo, 10^hi] that hold every positive value.
@@ -52,6 +52,20 @@ fn tick_label(exp: i32, unit: &str) -> String {
     format!("{text}{unit}")
 }
 
+/// log10 of the smallest and largest positive value, a little apart so the ends are inside.
+fn span(values: impl Iterator<Item = f64>) -> (f64, f64) {
+    let (mut lo, mut hi) = (f64::MAX, f64::MIN);
+    for v in values.filter(|v| *v > 0.0 && v.is_finite()) {
+        lo = lo.min(v.log10());
+        hi = hi.max(v.log10());
+    }
+    if lo > hi {
+        return (0.0, 1.0);
+    }
+    let pad = ((hi - lo) * 0.04).max(0.05);
+    (lo - pad, hi + pad)
+}
+
 /// Renders the panels in a 2-column grid as a standalone SVG document.
 pub fn render(panels: &[Panel]) -> String {
     let points = || {
@@ -60,7 +74,7 @@ pub fn render(panels: &[Panel]) -> String {
             .flat_map(|p| &p.series)
             .flat_map(|s| &s.points)
     };
-    let (x_lo, x_hi) = decades(points().map(|p| p.0));
+    let (x_lo, x_hi) = span(points().map(|p| p.0));
     let (y_lo, y_hi) = decades(points().flat_map(|p| [p.1, p.2, p.3]));
     let rows = panels.len().div_ceil(2).max(1);
     let width = MARGIN_L + 2.0 * PANEL_W + GAP_X + MARGIN_R;
@@ -95,7 +109,7 @@ pub fn render(panels: &[Panel]) -> String {
     for (index, panel) in panels.iter().enumerate() {
         let left = MARGIN_L + (index % 2) as f64 * (PANEL_W + GAP_X);
         let top = MARGIN_T + (index / 2) as f64 * (PANEL_H + GAP_Y) + 20.0;
-        let sx = |x: f64| left + (x.log10() - x_lo as f64) / (x_hi - x_lo) as f64 * PANEL_W;
+        let sx = |x: f64| left + (x.log10() - x_lo) / (x_hi - x_lo) * PANEL_W;
         let sy = |y: f64| {
             top + PANEL_H - (y.max(1e-9).log10() - y_lo as f64) / (y_hi - y_lo) as f64 * PANEL_H
         };
@@ -118,7 +132,9 @@ pub fn render(panels: &[Panel]) -> String {
             );
         }
         let x_ticks: Vec<f64> = {
-            let mut ticks: Vec<f64> = (x_lo..=x_hi).map(|e| 10f64.powi(e)).collect();
+            let mut ticks: Vec<f64> = (x_lo.ceil() as i32..=x_hi.floor() as i32)
+                .map(|e| 10f64.powi(e))
+                .collect();
             // The rule counts themselves (e.g. 5,000) get a tick too.
             for p in panel.series.iter().flat_map(|s| &s.points) {
                 if !ticks.iter().any(|t| (t - p.0).abs() < 0.5) {

@@ -61,6 +61,9 @@ struct Cli {
     /// Length of the idle CPU window.
     #[arg(long, default_value_t = 60)]
     idle_seconds: u64,
+    /// Measure nothing: draw OUT/setegress.svg again from OUT/results.json.
+    #[arg(long)]
+    replot: bool,
 }
 
 #[derive(Subcommand)]
@@ -297,6 +300,11 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.worker {
         Some(WorkerCommand::Worker) => worker_main(),
+        None if cli.replot => replot(
+            cli.out
+                .as_deref()
+                .unwrap_or_else(|| Path::new("docs/benchmarks")),
+        ),
         None => bench_main(&cli),
     };
     match result {
@@ -842,7 +850,14 @@ impl Bench<'_> {
             .map(|l| {
                 // The line carries the whole drift description; keep the numbers.
                 l.split_whitespace()
-                    .filter(|w| w.starts_with("rules_touched=") || w.starts_with("duration_ms="))
+                    .filter_map(|w| {
+                        if w.starts_with("rules_touched=") {
+                            Some(w.to_owned())
+                        } else {
+                            let ms: f64 = w.strip_prefix("duration_ms=")?.parse().ok()?;
+                            Some(format!("duration_ms={ms:.1}"))
+                        }
+                    })
                     .collect::<Vec<_>>()
                     .join(" ")
             })
@@ -1393,12 +1408,31 @@ fn markdown(r: &Results) -> String {
 
 fn write_outputs(dir: &Path, r: &Results) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    let json = serde_json::to_value(r)?;
     std::fs::write(
         dir.join("results.json"),
-        serde_json::to_string_pretty(r)? + "\n",
+        serde_json::to_string_pretty(&json)? + "\n",
     )?;
     std::fs::write(dir.join("results.md"), markdown(r))?;
-    let panels: Vec<plot::Panel> = [
+    std::fs::write(dir.join("setegress.svg"), plot::render(&panels(&json)))?;
+    Ok(())
+}
+
+/// Draws `DIR/setegress.svg` again from `DIR/results.json` (after a change of the plot).
+fn replot(dir: &Path) -> anyhow::Result<()> {
+    let path = dir.join("results.json");
+    let json: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(&path).with_context(|| format!("read {}", path.display()))?,
+    )?;
+    std::fs::write(dir.join("setegress.svg"), plot::render(&panels(&json)))?;
+    println!("wrote {}/setegress.svg", dir.display());
+    Ok(())
+}
+
+/// One plot panel per backend and node from the `setegress` cells of results.json.
+fn panels(results: &serde_json::Value) -> Vec<plot::Panel> {
+    let cells = results["setegress"].as_array().cloned().unwrap_or_default();
+    [
         ("nft", "idle"),
         ("nft", "busy"),
         ("legacy", "idle"),
@@ -1406,31 +1440,33 @@ fn write_outputs(dir: &Path, r: &Results) -> anyhow::Result<()> {
     ]
     .iter()
     .map(|(backend, node)| {
-        let cells: Vec<&SetEgressCell> = r
-            .setegress
+        let mine: Vec<&serde_json::Value> = cells
             .iter()
-            .filter(|c| c.backend == *backend && c.node == *node)
+            .filter(|c| c["backend"] == *backend && c["node"] == *node)
             .collect();
-        let series = |name: &'static str, pick: fn(&SetEgressCell) -> &Summary| plot::Series {
+        let series = |name: &'static str, key: &str| plot::Series {
             name,
-            points: cells
+            points: mine
                 .iter()
                 .map(|c| {
-                    let s = pick(c);
-                    (c.rules as f64, s.p50, s.p25, s.p75)
+                    let ms = |q: &str| c[key][q].as_f64().unwrap_or_default();
+                    (
+                        c["rules"].as_f64().unwrap_or_default(),
+                        ms("p50_ms"),
+                        ms("p25_ms"),
+                        ms("p75_ms"),
+                    )
                 })
                 .collect(),
         };
         plot::Panel {
             title: format!("{backend}, {node} node"),
             series: vec![
-                series("SetEgress", |c| &c.setegress),
-                series("bare iptables-restore of the chain", |c| &c.bare_restore),
-                series("one iptables -A per rule", |c| &c.per_rule),
+                series("SetEgress", "setegress"),
+                series("bare iptables-restore of the chain", "bare_restore"),
+                series("one iptables -A per rule", "per_rule"),
             ],
         }
     })
-    .collect();
-    std::fs::write(dir.join("setegress.svg"), plot::render(&panels))?;
-    Ok(())
+    .collect()
 }
