@@ -1,0 +1,60 @@
+//! The benchmark command stays runnable: `egress-bench --quick` (tiny sizes) measures SetEgress
+//! against both baselines on both backends, idle and busy, and writes its three result files.
+
+use kilo_egress_tests::{bin_path, cmd, require_root};
+
+#[test]
+fn quick_bench_writes_results_for_every_backend_and_node() {
+    if !require_root("quick_bench_writes_results_for_every_backend_and_node") {
+        return;
+    }
+    let out = tempfile::tempdir().expect("temporary directory");
+    let dir = out.path().display().to_string();
+    let run = cmd::capture(
+        std::process::Command::new(bin_path("egress-bench")).args([
+            "--quick",
+            "--only",
+            "setegress,ten-thousand",
+            "--out",
+            &dir,
+        ]),
+        None,
+    )
+    .expect("run egress-bench");
+    assert!(run.success(), "{run}");
+    let results: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(out.path().join("results.json")).expect("results.json"),
+    )
+    .expect("results.json is JSON");
+    let cells = results["setegress"].as_array().expect("setegress cells");
+    assert_eq!(
+        cells.len(),
+        8,
+        "2 backends x idle/busy x 2 sizes: {cells:?}"
+    );
+    for cell in cells {
+        for key in ["setegress", "bare_restore", "per_rule"] {
+            assert!(
+                cell[key]["p50_ms"].as_f64().is_some_and(|ms| ms > 0.0),
+                "{key} measured: {cell}"
+            );
+        }
+        assert!(
+            cell["transactions_per_call"]
+                .as_f64()
+                .is_some_and(|t| t >= 1.0),
+            "{cell}"
+        );
+    }
+    for start in results["ten_thousand"].as_array().expect("large chain") {
+        assert_eq!(start["kernel_transactions"], 1, "one transaction: {start}");
+    }
+    let svg = std::fs::read_to_string(out.path().join("setegress.svg")).expect("setegress.svg");
+    assert_eq!(
+        svg.matches("<polyline").count(),
+        12,
+        "3 lines in each of 4 panels"
+    );
+    let md = std::fs::read_to_string(out.path().join("results.md")).expect("results.md");
+    assert!(md.contains("| nft | busy | 100 |"), "{md}");
+}
