@@ -877,7 +877,15 @@ impl Bench<'_> {
     fn concurrency(&self, lab: &Lab, backend: Backend) -> anyhow::Result<Concurrency> {
         let plan = self.plan;
         let rules = plan.drift_rules;
-        let daemon = lab.start_daemon(own_config(backend, rules, Detection::Notifications))?;
+        // The server refuses SetEgress calls beyond 2 in flight per connection and 4 per identity
+        // (RESOURCE_EXHAUSTED); raised here, so all the calls reach the engine's coalescing.
+        let calls_limit = plan.concurrent_calls.to_string();
+        let config = own_config(backend, rules, Detection::Notifications)
+            .arg("--max-writes-per-connection")
+            .arg(&calls_limit)
+            .arg("--max-writes-per-identity")
+            .arg(&calls_limit);
+        let daemon = lab.start_daemon(config)?;
         let mut client = self.client(&daemon)?;
         let clients: Vec<EgressClient> = (0..plan.concurrent_connections)
             .map(|_| self.client(&daemon))
@@ -905,6 +913,12 @@ impl Bench<'_> {
             failures
         });
         let concurrent_wall = started.elapsed();
+        if failures > 0 {
+            bail!(
+                "{failures} of {calls} concurrent SetEgress calls failed{}",
+                daemon.context()
+            );
+        }
         let middle = self.get(&mut client)?;
         if !middle.in_sync {
             bail!("not in sync after the concurrent calls{}", daemon.context());
