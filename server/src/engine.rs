@@ -197,6 +197,8 @@ pub struct Engine {
     pending_tidy: Vec<(Family, String, Observed)>,
     /// When to run them: [`TIDY_DELAY`] after the last commit that queued one.
     tidy_at: Option<Instant>,
+    /// When the oldest pending tidy was queued.
+    tidy_since: Option<Instant>,
     /// Whether kernel change notifications arrive; `Err` says why not.
     notifications: Result<(), String>,
     /// Committed transactions since start.
@@ -227,6 +229,12 @@ const OWN_WRITERS_KEPT: usize = 64;
 /// far more than adding (~15 ms on nft), so back-to-back switches never wait for it; a burst of
 /// switches costs one tidy at its end. Traffic never reaches shadowed rules.
 const TIDY_DELAY: Duration = Duration::from_millis(100);
+
+/// The longest a tidy waits for switches to pause.
+const TIDY_MAX_DELAY: Duration = Duration::from_secs(1);
+
+/// A tidy runs at once when it would delete this many shadowed rules.
+const MAX_SHADOWED_RULES: usize = 16;
 
 impl Engine {
     /// Loads the stored state, programs it, and starts the engine thread (and, on nft, the
@@ -290,6 +298,7 @@ impl Engine {
             recheck: None,
             pending_tidy: Vec::new(),
             tidy_at: None,
+            tidy_since: None,
             notifications,
             transactions: 0,
             postrouting_clean: BTreeSet::new(),
@@ -517,7 +526,21 @@ impl Engine {
                 rules_touched += count_rule_lines(&tidy);
                 self.pending_tidy
                     .push((family, tidy, plan.after_tidy.clone()));
-                self.tidy_at = Some(Instant::now() + TIDY_DELAY);
+                // 100 ms after the last switch, but never later than a second after the first
+                // one it waits for, nor once it shadows too many rules: a steady stream of
+                // switches must not grow the chain without bound.
+                let now = Instant::now();
+                let since = *self.tidy_since.get_or_insert(now);
+                let shadowed: usize = self
+                    .pending_tidy
+                    .iter()
+                    .map(|(_, t, _)| count_rule_lines(t))
+                    .sum();
+                self.tidy_at = Some(if shadowed >= MAX_SHADOWED_RULES {
+                    now
+                } else {
+                    (now + TIDY_DELAY).min(since + TIDY_MAX_DELAY)
+                });
             }
             return Ok(FamilyApply {
                 rules_touched,
@@ -532,6 +555,7 @@ impl Engine {
     /// meanwhile: the family is re-checked at once.
     fn run_tidies(&mut self) {
         self.tidy_at = None;
+        self.tidy_since = None;
         for (family, tidy, settled) in std::mem::take(&mut self.pending_tidy) {
             match self.restore(family, &tidy) {
                 Ok(()) => {
@@ -1435,6 +1459,26 @@ mod tests {
         assert!(
             fake.reads() > reads,
             "a foreign change makes the next switch read"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stream_of_switches_never_piles_up_shadowed_rules() {
+        let fake = Arc::new(FakeNetfilter::new());
+        let dir = tempfile::tempdir().unwrap();
+        let handle = start(&fake, dir.path());
+        let mut longest = 0;
+        // Far less than 100 ms apart: without a bound the tidy would wait for all of them.
+        for i in 0..60 {
+            handle
+                .set(set(&[&format!("198.51.100.{}", i % 2 + 20)]))
+                .await
+                .unwrap();
+            longest = longest.max(fake.chain(Family::Ipv4, KILO_NAT).unwrap().len());
+        }
+        assert!(
+            longest <= MAX_SHADOWED_RULES + 1,
+            "KILO-NAT grew to {longest} rules"
         );
     }
 }
