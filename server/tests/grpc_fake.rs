@@ -47,15 +47,7 @@ async fn start_with(netfilter: Arc<dyn Netfilter>) -> Started {
 /// Like [`start_with`], on plaintext loopback TCP when `tcp` is set.
 async fn start_listening(netfilter: Arc<dyn Netfilter>, tcp: bool) -> Started {
     let dir = tempfile::tempdir().unwrap();
-    let config = EngineConfig {
-        mode: own_mode(),
-        resync_interval: Duration::from_secs(3600),
-        safety_check_interval: Duration::from_secs(3600),
-        kernel_notifications: false,
-        backend_reason: "test".into(),
-        notification_debounce: kilo_egressd::engine::NOTIFICATION_DEBOUNCE,
-        families: Family::ALL.to_vec(),
-    };
+    let config = EngineConfig::quiet(own_mode());
     let (engine, _thread) =
         Engine::start(config, netfilter, StateStore::new(dir.path().join("state"))).unwrap();
     let socket = dir.path().join("api.sock");

@@ -71,16 +71,11 @@ async fn start_with(
     };
     let reloader = Arc::new(TlsReloader::load(files).unwrap());
     let config = EngineConfig {
-        mode: ModeConfig::Own {
+        families: vec![Family::Ipv4],
+        ..EngineConfig::quiet(ModeConfig::Own {
             source_cidrs: vec!["10.44.0.0/24".parse().unwrap()],
             no_nat_cidrs: vec![],
-        },
-        resync_interval: Duration::from_secs(3600),
-        safety_check_interval: Duration::from_secs(3600),
-        kernel_notifications: false,
-        backend_reason: "test".into(),
-        notification_debounce: kilo_egressd::engine::NOTIFICATION_DEBOUNCE,
-        families: vec![Family::Ipv4],
+        })
     };
     let (engine, _thread) =
         Engine::start(config, netfilter, StateStore::new(dir.path().join("state"))).unwrap();

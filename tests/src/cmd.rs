@@ -4,7 +4,7 @@ use anyhow::{Context, bail};
 use std::ffi::OsStr;
 use std::fmt;
 use std::io::Write;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -167,6 +167,28 @@ pub fn run_ok<S: AsRef<OsStr>>(program: impl AsRef<OsStr>, args: &[S]) -> anyhow
     let mut cmd = Command::new(program);
     cmd.args(args);
     capture(&mut cmd, None)?.ok()
+}
+
+/// How long a process may take to exit after SIGTERM.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Sends SIGTERM to `child` and waits up to [`STOP_TIMEOUT`] for it to exit; then kills it and
+/// fails, naming `what`.
+pub fn stop_child(child: &mut Child, what: &str) -> anyhow::Result<ExitStatus> {
+    kill_pid(child.id(), "TERM");
+    let mut status = None;
+    crate::poll_until(STOP_TIMEOUT, || {
+        status = child.try_wait().ok().flatten();
+        status.is_some()
+    });
+    match status {
+        Some(status) => Ok(status),
+        None => {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("{what} did not exit within {STOP_TIMEOUT:?} of SIGTERM")
+        }
+    }
 }
 
 #[cfg(test)]

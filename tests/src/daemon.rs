@@ -10,10 +10,9 @@ use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ExitStatus, Stdio};
-use std::time::Duration;
 
 /// How long kilo-egressd may take to exit after SIGTERM.
-pub const STOP_TIMEOUT: Duration = Duration::from_secs(15);
+pub use crate::cmd::STOP_TIMEOUT;
 
 /// Who writes KILO-NAT: `--mode own` or `--mode kilo`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -252,23 +251,7 @@ impl<'lab> Daemon<'lab> {
         let Some(mut child) = self.child.take() else {
             bail!("kilo-egressd is not running");
         };
-        cmd::kill_pid(child.id(), "TERM");
-        let mut status = None;
-        poll_until(STOP_TIMEOUT, || {
-            status = child.try_wait().ok().flatten();
-            status.is_some()
-        });
-        match status {
-            Some(status) => Ok(status),
-            None => {
-                let _ = child.kill();
-                let _ = child.wait();
-                bail!(
-                    "kilo-egressd did not exit within {STOP_TIMEOUT:?} of SIGTERM{}",
-                    self.context()
-                )
-            }
-        }
+        cmd::stop_child(&mut child, "kilo-egressd").with_context(|| self.context())
     }
 
     /// Starts the process again (after [`Daemon::stop`]) with the same arguments, state

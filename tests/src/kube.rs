@@ -23,9 +23,6 @@ pub const NODE: &str = "node-a";
 /// The annotation the watcher reads by default.
 pub const ANNOTATION: &str = "kilo.squat.ai/egress-ip";
 
-/// How long a process may take to exit after SIGTERM.
-const STOP_TIMEOUT: Duration = Duration::from_secs(15);
-
 /// The emulator script.
 pub fn apiserver_script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("kmock/apiserver.py")
@@ -59,24 +56,6 @@ pub fn require_kubectl(test: &str) -> bool {
         .output()
         .is_ok_and(|out| out.status.success());
     found || skip_or_fail(test, "needs kubectl")
-}
-
-/// Sends `signal` to `child` and waits for it to exit.
-fn stop_child(child: &mut Child, what: &str) -> anyhow::Result<ExitStatus> {
-    cmd::kill_pid(child.id(), "TERM");
-    let mut status = None;
-    poll_until(STOP_TIMEOUT, || {
-        status = child.try_wait().ok().flatten();
-        status.is_some()
-    });
-    match status {
-        Some(status) => Ok(status),
-        None => {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!("{what} did not exit within {STOP_TIMEOUT:?} of SIGTERM")
-        }
-    }
 }
 
 fn tail(path: &Path, title: &str) -> String {
@@ -161,7 +140,7 @@ impl<'lab> ApiServer<'lab> {
         let Some(mut child) = self.child.take() else {
             bail!("the API emulator is not running");
         };
-        stop_child(&mut child, "the API emulator").map(drop)
+        cmd::stop_child(&mut child, "the API emulator").map(drop)
     }
 
     /// The kubeconfig file that points at the emulator.
@@ -320,7 +299,7 @@ impl Watcher {
         let Some(mut child) = self.child.take() else {
             bail!("kilo-egress watch is not running");
         };
-        stop_child(&mut child, "kilo-egress watch")
+        cmd::stop_child(&mut child, "kilo-egress watch")
     }
 
     /// Everything it logged.
