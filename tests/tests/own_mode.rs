@@ -2,7 +2,10 @@
 //! address under MASQUERADE, the chosen one after `kilo-egress set`, and the primary one again
 //! after `kilo-egress clear`.
 
-use kilo_egress_tests::{Backend, DaemonConfig, Family, Lab, for_each_backend, for_each_variant};
+use kilo_egress_tests::{
+    Backend, DaemonConfig, Family, Lab, REPAIR_TIMEOUT, for_each_backend, for_each_variant,
+    poll_until,
+};
 
 fn upstream_sees_chosen_address_after_set_and_primary_after_clear(
     family: Family,
@@ -219,3 +222,54 @@ fn dropping_a_family_from_the_config_removes_its_rules(family: Family, backend: 
     assert!(view.in_sync(), "{:#}", view.raw);
 }
 for_each_variant!(dropping_a_family_from_the_config_removes_its_rules: nft, legacy);
+
+/// The packets the kernel counted on KILO-NAT's RETURN rule (`iptables -L -v -x`).
+fn return_rule_packets(ipt: &kilo_egress_tests::Iptables<'_>) -> u64 {
+    let listing = ipt
+        .run(&["-t", "nat", "-L", "KILO-NAT", "-v", "-x", "-n"])
+        .unwrap()
+        .stdout;
+    let line = listing
+        .lines()
+        .find(|l| l.split_whitespace().nth(2) == Some("RETURN"))
+        .unwrap_or_else(|| panic!("no RETURN rule in KILO-NAT:\n{listing}"));
+    line.split_whitespace().next().unwrap().parse().unwrap()
+}
+
+/// A switch inserts the new decision rule in front of the old one and never rewrites the rest of
+/// the chain, so the kernel's counters of the other rules survive it (flushing and refilling the
+/// chain would zero them).
+fn switching_keeps_the_counters_of_the_other_rules(family: Family, backend: Backend) {
+    let lab = Lab::new().unwrap();
+    let ipt = lab.iptables(backend, family);
+    let services = match family {
+        Family::V4 => "203.0.113.0/24",
+        Family::V6 => "2001:db8:ff::/64",
+    };
+    let config = DaemonConfig::own(backend)
+        .arg("--no-nat-cidr")
+        .arg(services);
+    let d = lab.start_daemon(config).unwrap();
+    // Exempt from NAT, the pod's connection gets no answer, but the RETURN rule counts it.
+    let counts = poll_until(REPAIR_TIMEOUT, || {
+        let _ = lab.seen_source_within(family, 300);
+        return_rule_packets(&ipt) > 0
+    });
+    assert!(counts, "the RETURN rule counted nothing{}", d.context());
+    let counted = return_rule_packets(&ipt);
+    d.must(d.cli_ok(&["set", family.preferred()]));
+    assert_eq!(
+        return_rule_packets(&ipt),
+        counted,
+        "after set{}",
+        d.context()
+    );
+    d.must(d.cli_ok(&["clear"]));
+    assert_eq!(
+        return_rule_packets(&ipt),
+        counted,
+        "after clear{}",
+        d.context()
+    );
+}
+for_each_variant!(switching_keeps_the_counters_of_the_other_rules: nft, legacy);
