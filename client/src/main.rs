@@ -2,8 +2,9 @@
 //! input (nothing changed), 1 any other failure.
 
 use clap::{Parser, Subcommand, ValueEnum};
-use kilo_egress::api::{self, Family, Mode};
+use kilo_egress::api;
 use kilo_egress::{ClientError, EgressClient, ServerAddr};
+use kilo_egress_api::egress::{Family, Mode};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -113,12 +114,8 @@ fn or_masquerade(addr: &str) -> &str {
     if addr.is_empty() { "MASQUERADE" } else { addr }
 }
 
-fn family_name(family: i32) -> &'static str {
-    match Family::try_from(family) {
-        Ok(Family::Ipv4) => "IPv4",
-        Ok(Family::Ipv6) => "IPv6",
-        _ => "?",
-    }
+fn family_name(family: i32) -> String {
+    Family::try_from(family).map_or_else(|_| "?".to_string(), |f| f.to_string())
 }
 
 fn print_families(families: &[api::FamilyRules]) {
@@ -177,11 +174,7 @@ fn print_rules(response: &api::GetRulesResponse, output: Output) {
         return print_json(response);
     }
     let pair = response.egress.clone().unwrap_or_default();
-    let mode = match Mode::try_from(response.mode) {
-        Ok(Mode::Own) => "own",
-        Ok(Mode::Kilo) => "kilo",
-        _ => "?",
-    };
+    let mode = Mode::try_from(response.mode).map_or_else(|_| "?".to_string(), |m| m.to_string());
     // proto3 JSON renders a Timestamp as RFC 3339 (UTC), the form operators read in logs.
     let applied = response
         .last_apply_time

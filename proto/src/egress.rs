@@ -43,6 +43,25 @@ impl fmt::Display for Family {
     }
 }
 
+/// Who writes the chain `KILO-NAT`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Mode {
+    /// kilo-egressd writes the whole chain and the POSTROUTING jumps into it.
+    Own,
+    /// Kilo's agent writes the chain; kilo-egressd keeps one SNAT rule before its MASQUERADE.
+    Kilo,
+}
+
+impl fmt::Display for Mode {
+    /// The mode as the command line spells it: `own` or `kilo`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Mode::Own => "own",
+            Mode::Kilo => "kilo",
+        })
+    }
+}
+
 /// The chosen egress source address per family; `None` means MASQUERADE for that family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct EgressAddrs {

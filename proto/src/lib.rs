@@ -1,8 +1,10 @@
 //! The kilo-egress API: the gRPC wire types compiled from `proto/kilo/egress/v1/egress.proto`,
 //! and the domain types that the server and every client share (the egress address pair and its
-//! parser), so that a value means the same thing everywhere.
+//! parser), so that a value means the same thing everywhere, and the one conversion between the
+//! two ([`convert`]).
 #![forbid(unsafe_code)]
 
+pub mod convert;
 pub mod egress;
 
 /// Generated protobuf and gRPC types of package `kilo.egress.v1`.

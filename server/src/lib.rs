@@ -6,7 +6,8 @@
 //! [`nftwatch`], and stores the accepted state ([`state`]). [`server`] puts the gRPC API, health
 //! and reflection on a socket ([`listen`]), optionally TCP with mutual TLS ([`tls`]); [`peer`]
 //! names each caller, [`authz`] decides who may write, [`write_limit`] bounds writes in flight,
-//! and [`audit`] logs every SetEgress.
+//! and [`audit`] logs every SetEgress. Test doubles live in `testing`, built only for tests and
+//! with the feature `test-util`.
 #![forbid(unsafe_code)]
 
 pub mod audit;
@@ -20,5 +21,7 @@ pub mod rules;
 pub mod server;
 pub mod service;
 pub mod state;
+#[cfg(any(test, feature = "test-util"))]
+pub mod testing;
 pub mod tls;
 pub mod write_limit;

@@ -230,7 +230,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let (backend, backend_reason) = choose_backend(args.common.iptables_backend);
     let netfilter = Arc::new(IptablesCli::new(backend)?);
     info!(
-        mode = mode.name(),
+        mode = %mode.mode(),
         backend = backend.name(),
         backend_reason = %backend_reason,
         "starting kilo-egressd"

@@ -93,23 +93,6 @@ pub enum ServeError {
     TlsWithoutTcp,
 }
 
-/// Serves the API on `listen` (plaintext; see [`serve_all`]) until `shutdown` completes.
-pub async fn serve(
-    listen: &ListenAddr,
-    engine: EngineHandle,
-    limits: Limits,
-    shutdown: impl Future<Output = ()> + Send,
-) -> Result<(), ServeError> {
-    serve_all(
-        std::slice::from_ref(listen),
-        engine,
-        limits,
-        Security::default(),
-        shutdown,
-    )
-    .await
-}
-
 fn tcp_bind_error(addr: &std::net::SocketAddr) -> impl FnOnce(std::io::Error) -> ListenError {
     let addr = addr.to_string();
     move |error| ListenError::Io {

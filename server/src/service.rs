@@ -3,7 +3,7 @@
 //! and converts the engine's answer back into wire types. SetEgress is authorized ([`crate::authz`])
 //! and audited ([`crate::audit`]).
 
-use kilo_egress_api::egress::{EgressAddrs, Family, parse_egress_list};
+use kilo_egress_api::egress::{EgressAddrs, parse_egress_list};
 use kilo_egress_api::pb::{self, egress_service_server::EgressService};
 use tonic::{Request, Response, Status};
 
@@ -62,20 +62,9 @@ impl From<EngineError> for Status {
     }
 }
 
-/// The wire form of an address pair.
-pub fn pair(addrs: &EgressAddrs) -> pb::EgressPair {
-    pb::EgressPair {
-        ipv4: addrs.ipv4.map(|a| a.to_string()).unwrap_or_default(),
-        ipv6: addrs.ipv6.map(|a| a.to_string()).unwrap_or_default(),
-    }
-}
-
 fn family_rules(report: &FamilyReport) -> pb::FamilyRules {
     pb::FamilyRules {
-        family: match report.family {
-            Family::Ipv4 => pb::Family::Ipv4,
-            Family::Ipv6 => pb::Family::Ipv6,
-        } as i32,
+        family: pb::Family::from(report.family) as i32,
         rules: report
             .rules
             .iter()
@@ -95,12 +84,9 @@ fn family_rules(report: &FamilyReport) -> pb::FamilyRules {
 /// The wire form of a status report.
 pub fn rules_response(report: &StatusReport) -> pb::GetRulesResponse {
     pb::GetRulesResponse {
-        egress: Some(pair(&report.addrs)),
+        egress: Some(pb::EgressPair::from(&report.addrs)),
         generation: report.generation,
-        mode: match report.mode {
-            "own" => pb::Mode::Own,
-            _ => pb::Mode::Kilo,
-        } as i32,
+        mode: pb::Mode::from(report.mode) as i32,
         families: report.families.iter().map(family_rules).collect(),
         in_sync: report.in_sync,
         last_error: report.last_error.clone().unwrap_or_default(),
@@ -178,7 +164,7 @@ impl EgressService for EgressApi {
         };
         audit(Outcome::Accepted, String::new(), in_force);
         Ok(Response::new(pb::SetEgressResponse {
-            egress: Some(pair(&outcome.addrs)),
+            egress: Some(pb::EgressPair::from(&outcome.addrs)),
             generation: outcome.generation,
             warnings: outcome.warnings,
             rules: outcome.rules.iter().map(family_rules).collect(),

@@ -3,7 +3,7 @@
 
 use crate::tls::TlsFiles;
 use crate::{ClientError, EgressClient, ServerAddr};
-use kilo_egress_api::egress::{EgressAddrs, parse_egress_list};
+use kilo_egress_api::egress::EgressAddrs;
 use std::future::Future;
 use std::time::Duration;
 
@@ -59,12 +59,7 @@ impl GrpcEgress {
 pub fn pair_from_response(
     pair: Option<crate::api::EgressPair>,
 ) -> Result<EgressAddrs, ClientError> {
-    let pair = pair.unwrap_or_default();
-    let entries: Vec<&str> = [pair.ipv4.as_str(), pair.ipv6.as_str()]
-        .into_iter()
-        .filter(|entry| !entry.is_empty())
-        .collect();
-    Ok(parse_egress_list(&entries)?.addrs)
+    Ok(EgressAddrs::try_from(&pair.unwrap_or_default())?)
 }
 
 impl EgressServer for GrpcEgress {

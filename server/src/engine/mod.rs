@@ -1,0 +1,603 @@
+//! The engine: the one thread that makes every iptables call. RPC handlers send it a
+//! [`Command`] through an [`EngineHandle`] and wait for the reply. Pending SetEgress commands
+//! are drained together, accepted as one batch ([`Engine::accept`]) and committed as one
+//! transaction per family ([`Engine::commit`]), shaped by [`crate::rules::plan`] so the new
+//! decision goes in add-only and the rules it shadows are removed once no request waits.
+//!
+//! The rooms: [`table`] knows what the kernel holds and gets it right, [`timers`] says when to
+//! wake up, [`report`] builds what clients see, [`health`] tracks whether the rules are in
+//! place, [`families`] says which families are programmed, [`error`] types what goes wrong.
+
+pub mod error;
+pub mod families;
+pub mod health;
+pub mod report;
+pub mod table;
+pub mod timers;
+
+use kilo_egress_api::egress::{EgressAddrs, Family, ParsedEgress};
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::time::{Duration, Instant};
+use tokio::sync::{oneshot, watch};
+use tracing::{debug, error, info, warn};
+
+pub use error::{EngineError, FamilyError, Trigger};
+pub use report::{FamilyReport, ReportedRule, SetOutcome, StatusReport};
+pub use table::cleanup;
+
+use crate::netfilter::Netfilter;
+use crate::nftwatch::KernelEvent;
+use crate::rules::ModeConfig;
+use crate::state::{Loaded, StateError, StateStore, StoredState};
+use families::ManagedFamilies;
+use health::ApplyHealth;
+use table::{Freshness, NatTable, Reconciled};
+use timers::{DriftDetection, Due, SystemClock, Timers};
+
+/// How long change notifications are collected before the chains are re-checked: a foreign
+/// tool's transaction arrives as a burst of messages, and one read answers all of them.
+pub const NOTIFICATION_DEBOUNCE: Duration = Duration::from_millis(5);
+
+/// How the engine runs.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Who writes the chain.
+    pub mode: ModeConfig,
+    /// How often the engine re-reads its chains when no change notifications arrive (legacy).
+    pub resync_interval: Duration,
+    /// How often the engine re-reads its chains although change notifications arrive.
+    pub safety_check_interval: Duration,
+    /// Whether to subscribe to nftables change notifications (nft backend only).
+    pub kernel_notifications: bool,
+    /// Why the backend was chosen, for GetRules.
+    pub backend_reason: String,
+    /// How long change notifications are collected before a re-check ([`NOTIFICATION_DEBOUNCE`]).
+    pub notification_debounce: Duration,
+    /// The families the node uses (`--ip-families`); the others are never programmed.
+    pub families: Vec<Family>,
+}
+
+/// A validated SetEgress request.
+#[derive(Debug, Clone)]
+pub struct SetRequest {
+    /// The parsed addresses.
+    pub parsed: ParsedEgress,
+    /// Only show what would change.
+    pub dry_run: bool,
+    /// Optimistic concurrency: fail unless the generation equals this.
+    pub expected_generation: Option<u64>,
+    /// Who asked, for the log.
+    pub requester: String,
+}
+
+/// Where the answer to a SetEgress request goes.
+type SetReply = oneshot::Sender<Result<SetOutcome, EngineError>>;
+
+/// Everything the engine is asked to do.
+enum Command {
+    /// SetEgress: program a pair (or preview it).
+    Set(SetRequest, SetReply),
+    /// GetRules: report the state and the rules.
+    Get(oneshot::Sender<StatusReport>),
+    /// The kernel said our chains changed, or that it stopped saying so.
+    Kernel(KernelEvent),
+}
+
+/// A cheap, cloneable handle that sends commands to the engine.
+#[derive(Clone)]
+pub struct EngineHandle {
+    commands: mpsc::Sender<Command>,
+    ready: watch::Receiver<bool>,
+    accepted: watch::Receiver<StoredState>,
+}
+
+impl EngineHandle {
+    /// Sends a SetEgress request and waits until its rules are in the kernel.
+    pub async fn set(&self, request: SetRequest) -> Result<SetOutcome, EngineError> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::Set(request, reply))
+            .map_err(|_| EngineError::Stopped)?;
+        answer.await.map_err(|_| EngineError::Stopped)?
+    }
+
+    /// Reads the current state and the rules from the kernel.
+    pub async fn status(&self) -> Result<StatusReport, EngineError> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::Get(reply))
+            .map_err(|_| EngineError::Stopped)?;
+        answer.await.map_err(|_| EngineError::Stopped)
+    }
+
+    /// Becomes true after the first successful apply.
+    pub fn ready(&self) -> watch::Receiver<bool> {
+        self.ready.clone()
+    }
+
+    /// The accepted pair and its generation, without asking the engine or the kernel (for audit
+    /// lines of requests that change nothing).
+    pub fn accepted(&self) -> (EgressAddrs, u64) {
+        let state = *self.accepted.borrow();
+        (state.addrs, state.generation)
+    }
+}
+
+/// A batch of SetEgress requests that passed their generation checks, with the state it leads
+/// to.
+struct Batch {
+    /// Each request, the state right after it, and where its answer goes.
+    requests: Vec<(SetRequest, StoredState, SetReply)>,
+    /// The state before the batch.
+    old: StoredState,
+    /// The state after the whole batch.
+    new: StoredState,
+    started: Instant,
+}
+
+/// The engine's state, owned by its thread: the request loop, the accepted state and its file.
+pub struct Engine {
+    table: NatTable,
+    timers: Timers,
+    health: ApplyHealth,
+    store: StateStore,
+    state: StoredState,
+    /// Publishes `state` to [`EngineHandle::accepted`].
+    accepted: watch::Sender<StoredState>,
+    backend_reason: String,
+    notification_debounce: Duration,
+}
+
+impl Engine {
+    /// Loads the stored state, programs it, and starts the engine thread (and, on nft, the
+    /// thread that listens for kernel change notifications). Returns once the first apply has
+    /// been attempted, so the stored state is in the kernel before the API serves.
+    pub fn start(
+        config: EngineConfig,
+        netfilter: Arc<dyn Netfilter>,
+        store: StateStore,
+    ) -> Result<(EngineHandle, std::thread::JoinHandle<()>), StateError> {
+        let state = load_state(&store)?;
+        let families = ManagedFamilies::new(&config.families, &config.mode);
+        let table = NatTable::new(config.mode, families, netfilter);
+        let (commands, inbox) = mpsc::channel();
+        // Subscribe before the first read, so no change between that read and the
+        // subscription goes unseen.
+        let detection = if config.kernel_notifications {
+            let events = commands.clone();
+            table.watch_changes(Box::new(move |event| {
+                events.send(Command::Kernel(event)).is_ok()
+            }))
+        } else {
+            Err("--kernel-notifications=false".to_string())
+        };
+        let detection = match detection {
+            Ok(()) => {
+                info!(
+                    safety_check_interval = ?config.safety_check_interval,
+                    "drift detection: nftables change notifications"
+                );
+                DriftDetection::Notifications
+            }
+            Err(why) => {
+                info!(resync_interval = ?config.resync_interval, reason = %why, "drift detection: polling");
+                DriftDetection::Polling(why)
+            }
+        };
+        let (ready_tx, ready_rx) = watch::channel(false);
+        let (accepted_tx, accepted_rx) = watch::channel(state);
+        let mut engine = Engine {
+            table,
+            timers: Timers::new(
+                Box::new(SystemClock),
+                config.resync_interval,
+                config.safety_check_interval,
+                detection,
+            ),
+            health: ApplyHealth::new(ready_tx),
+            store,
+            state,
+            accepted: accepted_tx,
+            backend_reason: config.backend_reason,
+            notification_debounce: config.notification_debounce,
+        };
+        engine.table.remove_leftovers();
+        engine.resync(Trigger::Start);
+        engine.timers.checked();
+        let thread = std::thread::Builder::new()
+            .name("egress-engine".into())
+            .spawn(move || engine.run(inbox))
+            .expect("spawn engine thread");
+        Ok((
+            EngineHandle {
+                commands,
+                ready: ready_rx,
+                accepted: accepted_rx,
+            },
+            thread,
+        ))
+    }
+
+    /// The request loop: whatever is due first, else wait for commands until it is.
+    fn run(mut self, inbox: mpsc::Receiver<Command>) {
+        loop {
+            match self.timers.due() {
+                Some(Due::Tidy) => self.tidy(),
+                Some(Due::Recheck(families)) => self.recheck(families),
+                Some(Due::Check) => {
+                    self.resync(Trigger::DriftCheck);
+                    self.timers.checked();
+                }
+                None => match inbox.recv_timeout(self.timers.until_next()) {
+                    Ok(first) => self.handle_batch(first, &inbox),
+                    Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) => return,
+                },
+            }
+        }
+    }
+
+    /// Handles `first` and everything queued behind it: SetEgress requests as one batch,
+    /// GetRules after it.
+    fn handle_batch(&mut self, first: Command, inbox: &mpsc::Receiver<Command>) {
+        let mut sets = Vec::new();
+        let mut gets = Vec::new();
+        for command in std::iter::once(first).chain(inbox.try_iter()) {
+            match command {
+                Command::Set(request, reply) => sets.push((request, reply)),
+                Command::Get(reply) => gets.push(reply),
+                Command::Kernel(event) => self.kernel_event(event),
+            }
+        }
+        if let Some(batch) = self.accept(sets) {
+            self.commit(batch);
+        }
+        if !gets.is_empty() {
+            // A reader sees the settled chain, not the moment between commit and tidy.
+            self.tidy();
+            let report = self.status_report();
+            for reply in gets {
+                let _ = reply.send(report.clone());
+            }
+        }
+    }
+
+    fn kernel_event(&mut self, event: KernelEvent) {
+        match event {
+            KernelEvent::Changed { families, writers } => {
+                if self.table.is_own_echo(&writers) {
+                    // The echo of our own transaction: what it did is known already.
+                    debug!(?families, "notification of our own change");
+                    return;
+                }
+                self.table.forget(&families);
+                self.timers.recheck(families, self.notification_debounce);
+            }
+            KernelEvent::Lost(why) => {
+                self.timers.notifications_lost(&why);
+                warn!(reason = %why, interval = ?self.timers.check_interval(), "kernel change notifications stopped; polling instead");
+                self.table.forget_all();
+            }
+        }
+    }
+
+    /// Step one of a SetEgress batch: checks `expected_generation` in arrival order, answers
+    /// dry runs, and returns the requests that change (or re-assert) the state, if any.
+    fn accept(&mut self, sets: Vec<(SetRequest, SetReply)>) -> Option<Batch> {
+        let started = Instant::now();
+        let old = self.state;
+        let mut running = old;
+        let mut requests = Vec::new();
+        for (request, reply) in sets {
+            if let Some(expected) = request.expected_generation
+                && expected != running.generation
+            {
+                let _ = reply.send(Err(EngineError::StaleGeneration {
+                    expected,
+                    current: running.generation,
+                }));
+                continue;
+            }
+            if request.dry_run {
+                let _ = reply.send(Ok(self.preview(&request, &running)));
+                continue;
+            }
+            if request.parsed.addrs != running.addrs {
+                running = StoredState {
+                    addrs: request.parsed.addrs,
+                    generation: running.generation + 1,
+                };
+            }
+            requests.push((request, running, reply));
+        }
+        (!requests.is_empty()).then_some(Batch {
+            requests,
+            old,
+            new: running,
+            started,
+        })
+    }
+
+    /// Step two: persists the batch's state, programs it, and answers every request of it;
+    /// when the kernel refuses, the previous state is restored on disk and in the kernel.
+    fn commit(&mut self, batch: Batch) {
+        let Batch {
+            requests,
+            old,
+            new,
+            started,
+        } = batch;
+        let requesters: Vec<&str> = requests
+            .iter()
+            .map(|(r, _, _)| r.requester.as_str())
+            .collect();
+        let requesters = requesters.join(", ");
+        if new != old
+            && let Err(e) = self.store.save(&new)
+        {
+            error!(error = %e, "cannot save the state; the change is refused");
+            let error = EngineError::from(e);
+            for (_, _, reply) in requests {
+                let _ = reply.send(Err(error.clone()));
+            }
+            return;
+        }
+        match self.apply(&new.addrs, Freshness::Known) {
+            Ok(results) => {
+                self.publish(new);
+                self.health.succeeded();
+                let rules_touched: usize = results.iter().map(|(_, a)| a.rules_touched).sum();
+                if new != old {
+                    info!(
+                        requester = %requesters,
+                        old = %old.addrs,
+                        new = %new.addrs,
+                        generation = new.generation,
+                        coalesced_requests = requests.len(),
+                        rules_touched,
+                        duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+                        "egress changed"
+                    );
+                } else if rules_touched > 0 {
+                    warn!(requester = %requesters, rules_touched, "egress unchanged, but rules had drifted and were repaired");
+                } else {
+                    debug!(requester = %requesters, "egress unchanged");
+                }
+                let rules = self.settled_reports(&new.addrs, results);
+                for (request, state, reply) in requests {
+                    let mut warnings = request.parsed.warnings();
+                    if state.generation != new.generation {
+                        warnings.push(format!(
+                            "superseded by a request coalesced into the same transaction (generation {}, {})",
+                            new.generation, new.addrs
+                        ));
+                    }
+                    warnings.extend(report::waiting_notes(&rules, &state.addrs));
+                    let _ = reply.send(Ok(SetOutcome {
+                        addrs: state.addrs,
+                        generation: state.generation,
+                        warnings,
+                        rules: rules.clone(),
+                        dry_run: false,
+                    }));
+                }
+            }
+            Err(failure) => {
+                error!(error = %failure, old = %old.addrs, new = %new.addrs, "applying the change failed; restoring the previous state");
+                if new != old
+                    && let Err(e) = self.store.save(&old)
+                {
+                    error!(error = %e, "cannot restore the previous state file");
+                }
+                self.publish(old);
+                let failure = Arc::new(failure);
+                self.health.failed(failure.clone());
+                self.resync(Trigger::Rollback);
+                for (_, _, reply) in requests {
+                    let _ = reply.send(Err(EngineError::Apply(failure.clone())));
+                }
+            }
+        }
+    }
+
+    /// Makes `state` the accepted state, for the engine and for [`EngineHandle::accepted`].
+    fn publish(&mut self, state: StoredState) {
+        self.state = state;
+        self.accepted.send_replace(state);
+    }
+
+    /// Programs `addrs` for every managed family; stops at the first family that fails.
+    fn apply(
+        &mut self,
+        addrs: &EgressAddrs,
+        freshness: Freshness,
+    ) -> Result<Vec<(Family, Reconciled)>, FamilyError> {
+        let mut results = Vec::new();
+        for family in self.table.families().managed() {
+            let applied = self.reconcile(family, addrs, freshness)?;
+            results.push((family, applied));
+        }
+        Ok(results)
+    }
+
+    /// Reconciles one family and starts the tidy timer when a tidy was queued.
+    fn reconcile(
+        &mut self,
+        family: Family,
+        addrs: &EgressAddrs,
+        freshness: Freshness,
+    ) -> Result<Reconciled, FamilyError> {
+        let applied = self
+            .table
+            .reconcile(family, addrs.get(family), freshness)
+            .map_err(|source| FamilyError { family, source })?;
+        if applied.tidy_queued {
+            self.timers.tidy_queued(self.table.shadowed_rules());
+        }
+        Ok(applied)
+    }
+
+    /// Removes the rules the last switches shadowed; a family whose tidy failed is re-checked
+    /// at once.
+    fn tidy(&mut self) {
+        self.timers.tidied();
+        let failed = self.table.tidy();
+        if !failed.is_empty() {
+            self.timers.recheck(failed, Duration::ZERO);
+        }
+    }
+
+    /// Re-reads every managed family and repairs drift, logging what was wrong.
+    fn resync(&mut self, trigger: Trigger) {
+        self.reconcile_logged(self.table.families().managed(), trigger);
+    }
+
+    /// Re-reads the families a change notification named and repairs them if they drifted.
+    fn recheck(&mut self, families: BTreeSet<Family>) {
+        let managed: Vec<Family> = families
+            .into_iter()
+            .filter(|f| self.table.families().is_managed(*f))
+            .collect();
+        self.reconcile_logged(managed, Trigger::KernelNotification);
+    }
+
+    fn reconcile_logged(&mut self, families: Vec<Family>, trigger: Trigger) {
+        let started = Instant::now();
+        let addrs = self.state.addrs;
+        let mut failure = None;
+        for family in families {
+            match self.reconcile(family, &addrs, Freshness::Read) {
+                Ok(applied) if applied.rules_touched > 0 && trigger == Trigger::Start => info!(
+                    %family,
+                    was = %applied.drift.join("; "),
+                    rules_touched = applied.rules_touched,
+                    duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+                    "programmed the stored state"
+                ),
+                Ok(applied) if !applied.drift.is_empty() && applied.rules_touched > 0 => warn!(
+                    %family,
+                    trigger = %trigger,
+                    drift = %applied.drift.join("; "),
+                    rules_touched = applied.rules_touched,
+                    duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+                    "repaired rules"
+                ),
+                Ok(_) => {}
+                Err(e) => failure = Some(e),
+            }
+        }
+        match failure {
+            None => self.health.succeeded(),
+            Some(failure) => self.health.failed(Arc::new(failure)),
+        }
+    }
+
+    /// The reports of a SetEgress reply, from the committed plans.
+    fn settled_reports(
+        &self,
+        addrs: &EgressAddrs,
+        results: Vec<(Family, Reconciled)>,
+    ) -> Vec<FamilyReport> {
+        let mut results: std::collections::BTreeMap<Family, Reconciled> =
+            results.into_iter().collect();
+        Family::ALL
+            .into_iter()
+            .map(|family| {
+                if let Some(why) = self.table.families().unmanaged_reason(family) {
+                    return report::unmanaged(family, why);
+                }
+                match results.remove(&family) {
+                    Some(applied) => {
+                        report::settled(self.table.mode(), family, addrs.get(family), applied)
+                    }
+                    None => report::not_applied(family),
+                }
+            })
+            .collect()
+    }
+
+    /// Reads every family back from the kernel and reports it with `report`.
+    fn read_reports(
+        &self,
+        addrs: &EgressAddrs,
+        report: impl Fn(Family, Option<std::net::IpAddr>, table::ReadBack) -> FamilyReport,
+    ) -> Vec<FamilyReport> {
+        Family::ALL
+            .into_iter()
+            .map(|family| {
+                let addr = addrs.get(family);
+                if let Some(why) = self.table.families().unmanaged_reason(family) {
+                    return report::unmanaged(family, why);
+                }
+                match self.table.read_back(family, addr) {
+                    Ok(read) => report(family, addr, read),
+                    Err(e) => report::unreadable(family, &e),
+                }
+            })
+            .collect()
+    }
+
+    /// The rules a request would program, computed from what the kernel holds now.
+    fn preview(&self, request: &SetRequest, running: &StoredState) -> SetOutcome {
+        let rules = self.read_reports(&request.parsed.addrs, |family, _, read| {
+            report::preview(family, read)
+        });
+        let generation = if request.parsed.addrs == running.addrs {
+            running.generation
+        } else {
+            running.generation + 1
+        };
+        SetOutcome {
+            addrs: request.parsed.addrs,
+            generation,
+            warnings: request.parsed.warnings(),
+            rules,
+            dry_run: true,
+        }
+    }
+
+    fn status_report(&self) -> StatusReport {
+        let families = self.read_reports(&self.state.addrs, report::read_back);
+        let last_error = self.health.last_error();
+        StatusReport {
+            addrs: self.state.addrs,
+            generation: self.state.generation,
+            mode: self.table.mode().mode(),
+            in_sync: families.iter().all(|f| f.in_sync) && last_error.is_none(),
+            families,
+            last_error,
+            last_apply: self.health.last_apply(),
+            backend: self.table.backend_name(),
+            backend_reason: self.backend_reason.clone(),
+            drift_detection: self.timers.describe_detection(),
+            kernel_transactions: self.table.transactions(),
+        }
+    }
+}
+
+/// The stored state, or MASQUERADE on a fresh node or after a corrupt file was moved aside.
+fn load_state(store: &StateStore) -> Result<StoredState, StateError> {
+    Ok(match store.load()? {
+        Loaded::Fresh => {
+            info!(path = %store.path().display(), "no stored state: starting with MASQUERADE");
+            StoredState::default()
+        }
+        Loaded::State(state) => {
+            info!(egress = %state.addrs, generation = state.generation, "loaded stored state");
+            state
+        }
+        Loaded::Corrupt { reason, moved_to } => {
+            error!(
+                %reason,
+                moved_to = %moved_to.display(),
+                "STORED STATE IS CORRUPT: moved it aside and starting with MASQUERADE; set the egress addresses again"
+            );
+            StoredState::default()
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests;

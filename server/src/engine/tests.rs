@@ -1,0 +1,407 @@
+//! The engine thread against the in-memory fake: coalescing, rollback, drift repair, add-only
+//! switches and tidies, notifications.
+
+use super::timers::MAX_SHADOWED_RULES;
+use super::*;
+use crate::rules::{self, KILO_NAT, POSTROUTING};
+use crate::testing::FakeNetfilter;
+use kilo_egress_api::egress::parse_egress_list;
+
+fn own_mode() -> ModeConfig {
+    ModeConfig::Own {
+        source_cidrs: vec![
+            "10.44.0.0/24".parse().unwrap(),
+            "fd00:44::/64".parse().unwrap(),
+        ],
+        no_nat_cidrs: vec![],
+    }
+}
+
+fn start(fake: &Arc<FakeNetfilter>, dir: &std::path::Path) -> EngineHandle {
+    let config = EngineConfig::quiet(own_mode());
+    Engine::start(config, fake.clone(), StateStore::new(dir))
+        .unwrap()
+        .0
+}
+
+fn set(entries: &[&str]) -> SetRequest {
+    SetRequest {
+        parsed: parse_egress_list(entries).unwrap(),
+        dry_run: false,
+        expected_generation: None,
+        requester: "test".into(),
+    }
+}
+
+#[tokio::test]
+async fn start_programs_masquerade_and_becomes_ready() {
+    let fake = Arc::new(FakeNetfilter::new());
+    let dir = tempfile::tempdir().unwrap();
+    let handle = start(&fake, dir.path());
+    assert!(*handle.ready().borrow());
+    let chain = fake.chain(Family::Ipv4, KILO_NAT).unwrap();
+    assert!(chain[0].ends_with("-j MASQUERADE"), "{chain:?}");
+    assert_eq!(fake.chain(Family::Ipv6, POSTROUTING).unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn set_programs_snat_and_persists() {
+    let fake = Arc::new(FakeNetfilter::new());
+    let dir = tempfile::tempdir().unwrap();
+    let handle = start(&fake, dir.path());
+    let outcome = handle
+        .set(set(&["2001:db8::20", "198.51.100.20"]))
+        .await
+        .unwrap();
+    assert_eq!(outcome.generation, 1);
+    assert!(fake.chain(Family::Ipv4, KILO_NAT).unwrap()[0].ends_with("--to-source 198.51.100.20"));
+    assert!(fake.chain(Family::Ipv6, KILO_NAT).unwrap()[0].ends_with("--to-source 2001:db8::20"));
+    assert!(
+        outcome.rules.iter().all(|r| r.in_sync),
+        "{:?}",
+        outcome.rules
+    );
+    // A restarted engine programs the stored state without any client.
+    let fresh = Arc::new(FakeNetfilter::new());
+    let again = start(&fresh, dir.path());
+    let status = again.status().await.unwrap();
+    assert_eq!(status.generation, 1);
+    assert!(fresh.chain(Family::Ipv4, KILO_NAT).unwrap()[0].contains("198.51.100.20"));
+}
+
+#[tokio::test]
+async fn stale_generation_is_refused_and_changes_nothing() {
+    let fake = Arc::new(FakeNetfilter::new());
+    let dir = tempfile::tempdir().unwrap();
+    let handle = start(&fake, dir.path());
+    handle.set(set(&["198.51.100.20"])).await.unwrap();
+    handle.status().await.unwrap(); // the shadowed rule is gone
+    let before = fake.chain(Family::Ipv4, KILO_NAT);
+    let mut stale = set(&["198.51.100.99"]);
+    stale.expected_generation = Some(0);
+    let err = handle.set(stale).await.unwrap_err();
+    assert!(matches!(
+        err,
+        EngineError::StaleGeneration {
+            expected: 0,
+            current: 1
+        }
+    ));
+    assert_eq!(fake.chain(Family::Ipv4, KILO_NAT), before);
+}
+
+#[tokio::test]
+async fn dry_run_changes_nothing() {
+    let fake = Arc::new(FakeNetfilter::new());
+    let dir = tempfile::tempdir().unwrap();
+    let handle = start(&fake, dir.path());
+    let transactions = fake.transactions();
+    let mut dry = set(&["198.51.100.20"]);
+    dry.dry_run = true;
+    let outcome = handle.set(dry).await.unwrap();
+    assert!(outcome.dry_run);
+    let shown: Vec<String> = outcome.rules[0]
+        .rules
+        .iter()
+        .map(|r| r.observed.rule.spec())
+        .collect();
+    assert!(
+        shown
+            .iter()
+            .any(|s| s.contains("--to-source 198.51.100.20")),
+        "{shown:?}"
+    );
+    assert_eq!(fake.transactions(), transactions);
+    assert_eq!(handle.status().await.unwrap().generation, 0);
+}
+
+#[tokio::test]
+async fn concurrent_sets_are_coalesced() {
+    let fake = Arc::new(FakeNetfilter::new());
+    let dir = tempfile::tempdir().unwrap();
+    let handle = start(&fake, dir.path());
+    let before = fake.transactions();
+    let calls: Vec<_> = (1..=50)
+        .map(|i| {
+            let handle = handle.clone();
+            tokio::spawn(async move { handle.set(set(&[&format!("198.51.100.{i}")])).await })
+        })
+        .collect();
+    for call in calls {
+        call.await.unwrap().unwrap();
+    }
+    let used = fake.transactions() - before;
+    assert!(used < 50, "50 calls cost {used} transactions");
+    assert_eq!(handle.status().await.unwrap().generation, 50);
+}
+
+#[tokio::test]
+async fn drift_is_repaired_at_resync() {
+    let fake = Arc::new(FakeNetfilter::new());
+    let dir = tempfile::tempdir().unwrap();
+    let config = EngineConfig {
+        resync_interval: Duration::from_millis(20),
+        ..EngineConfig::quiet(own_mode())
+    };
+    let handle = Engine::start(config, fake.clone(), StateStore::new(dir.path()))
+        .unwrap()
+        .0;
+    handle.set(set(&["198.51.100.20"])).await.unwrap();
+    handle.status().await.unwrap(); // the shadowed rule is gone
+    let good = fake.chain(Family::Ipv4, KILO_NAT);
+    fake.tamper(Family::Ipv4, |t| {
+        t.get_mut(KILO_NAT).unwrap().clear();
+    });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while fake.chain(Family::Ipv4, KILO_NAT) != good {
+        assert!(Instant::now() < deadline, "drift not repaired");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test]
+async fn failed_apply_rolls_back_state_and_the_family_that_succeeded() {
+    let fake = Arc::new(FakeNetfilter::new());
+    let dir = tempfile::tempdir().unwrap();
+    let handle = start(&fake, dir.path());
+    handle
+        .set(set(&["198.51.100.20", "2001:db8::20"]))
+        .await
+        .unwrap();
+    handle.status().await.unwrap(); // the shadowed rules are gone
+    let saved = std::fs::read(dir.path().join("state.json")).unwrap();
+    let ipv4_before = fake.chain(Family::Ipv4, KILO_NAT);
+    // IPv4 applies first and succeeds; IPv6 then fails, also on a fresh read, because its
+    // chains vanished (the built-in POSTROUTING cannot be recreated by a restore).
+    fake.tamper(Family::Ipv6, |t| {
+        t.remove(POSTROUTING);
+        t.remove(KILO_NAT);
+    });
+    let err = handle
+        .set(set(&["198.51.100.99", "2001:db8::99"]))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, EngineError::Apply(_)), "{err}");
+    handle.status().await.unwrap(); // the rollback has settled
+    assert_eq!(std::fs::read(dir.path().join("state.json")).unwrap(), saved);
+    assert_eq!(handle.status().await.unwrap().generation, 1);
+    assert_eq!(
+        fake.chain(Family::Ipv4, KILO_NAT),
+        ipv4_before,
+        "IPv4 is put back to the previous state"
+    );
+}
+
+#[tokio::test]
+async fn rules_of_an_excluded_family_are_removed_at_start() {
+    let fake = Arc::new(FakeNetfilter::new());
+    let dir = tempfile::tempdir().unwrap();
+    let first = start(&fake, dir.path());
+    first
+        .set(set(&["198.51.100.20", "2001:db8::20"]))
+        .await
+        .unwrap();
+    // A status read waits for the shadowed MASQUERADE rules to be removed.
+    first.status().await.unwrap();
+    assert!(fake.chain(Family::Ipv6, KILO_NAT).unwrap().len() == 1);
+    let config = EngineConfig {
+        families: vec![Family::Ipv4],
+        ..EngineConfig::quiet(own_mode())
+    };
+    let handle = Engine::start(config, fake.clone(), StateStore::new(dir.path()))
+        .unwrap()
+        .0;
+    assert_eq!(fake.chain(Family::Ipv6, KILO_NAT), Some(vec![]));
+    assert!(fake.chain(Family::Ipv6, POSTROUTING).unwrap().is_empty());
+    assert!(fake.chain(Family::Ipv4, KILO_NAT).unwrap()[0].contains("198.51.100.20"));
+    let status = handle.status().await.unwrap();
+    assert!(
+        status.families[1]
+            .status
+            .contains("--ip-families excludes IPv6")
+    );
+    assert!(status.in_sync);
+}
+
+fn start_notified(fake: &Arc<FakeNetfilter>, dir: &std::path::Path) -> EngineHandle {
+    start_notified_with_debounce(fake, dir, NOTIFICATION_DEBOUNCE)
+}
+
+fn start_notified_with_debounce(
+    fake: &Arc<FakeNetfilter>,
+    dir: &std::path::Path,
+    debounce: Duration,
+) -> EngineHandle {
+    let config = EngineConfig {
+        kernel_notifications: true,
+        notification_debounce: debounce,
+        ..EngineConfig::quiet(own_mode())
+    };
+    Engine::start(config, fake.clone(), StateStore::new(dir))
+        .unwrap()
+        .0
+}
+
+async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// An engine on a notifying fake with SNAT to 198.51.100.20 programmed and settled.
+async fn notified_engine_with_snat() -> (Arc<FakeNetfilter>, tempfile::TempDir, EngineHandle) {
+    let fake = Arc::new(FakeNetfilter::with_change_notifications());
+    let dir = tempfile::tempdir().unwrap();
+    let handle = start_notified(&fake, dir.path());
+    handle.set(set(&["198.51.100.20"])).await.unwrap();
+    handle.status().await.unwrap();
+    assert_eq!(
+        fake.chain(Family::Ipv4, KILO_NAT),
+        snat_only("198.51.100.20")
+    );
+    (fake, dir, handle)
+}
+
+fn snat_only(addr: &str) -> Option<Vec<String>> {
+    let rule = rules::snat_rule(addr.parse().unwrap());
+    Some(vec![rule.spec()])
+}
+
+#[tokio::test]
+async fn switch_commits_add_only_then_removes_the_shadowed_rule() {
+    let (fake, _dir, handle) = notified_engine_with_snat().await;
+    let before = fake.committed().len();
+    let outcome = handle.set(set(&["198.51.100.99"])).await.unwrap();
+    assert!(outcome.rules[0].in_sync, "{:?}", outcome.rules[0]);
+    wait_for("the shadowed rule to be removed", || {
+        fake.chain(Family::Ipv4, KILO_NAT) == snat_only("198.51.100.99")
+    })
+    .await;
+    let ipv4: Vec<String> = fake.committed()[before..]
+        .iter()
+        .filter(|(f, _)| *f == Family::Ipv4)
+        .map(|(_, t)| t.clone())
+        .collect();
+    assert_eq!(ipv4.len(), 2, "{ipv4:#?}");
+    let rule_lines = |t: &str| -> Vec<String> {
+        t.lines()
+            .filter(|l| l.starts_with('-') || l.starts_with(':'))
+            .map(str::to_string)
+            .collect()
+    };
+    let commit = rule_lines(&ipv4[0]);
+    assert!(
+        commit.len() == 1
+            && commit[0].starts_with("-I KILO-NAT 1 ")
+            && commit[0].contains("198.51.100.99"),
+        "the switch is one insert in front of the old rule: {commit:?}"
+    );
+    let tidy = rule_lines(&ipv4[1]);
+    assert!(
+        tidy.len() == 1 && tidy[0].starts_with("-D KILO-NAT ") && tidy[0].contains("198.51.100.20"),
+        "the old rule goes afterwards: {tidy:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_notified_change_is_repaired_without_polling() {
+    let (fake, _dir, handle) = notified_engine_with_snat().await;
+    fake.tamper(Family::Ipv4, |t| {
+        t.get_mut(KILO_NAT).unwrap().clear();
+    });
+    // Both check intervals are an hour: only the notification can bring the rule back.
+    wait_for("the repair", || {
+        fake.chain(Family::Ipv4, KILO_NAT) == snat_only("198.51.100.20")
+    })
+    .await;
+    let status = handle.status().await.unwrap();
+    assert!(
+        status
+            .drift_detection
+            .starts_with("nftables change notifications")
+    );
+}
+
+#[tokio::test]
+async fn a_foreign_change_costs_a_read_and_no_write() {
+    let (fake, _dir, handle) = notified_engine_with_snat().await;
+    // Let the re-check of our own write happen first.
+    let status = handle.status().await.unwrap();
+    assert!(status.in_sync);
+    let writes = fake.transactions();
+    let reads = fake.reads();
+    fake.tamper(Family::Ipv4, |t| {
+        t.entry("KUBE-SVC-TEST".into())
+            .or_default()
+            .push("-A KUBE-SVC-TEST -j RETURN".into());
+    });
+    wait_for("the re-check", || fake.reads() > reads).await;
+    assert_eq!(
+        handle.status().await.unwrap().kernel_transactions,
+        status.kernel_transactions
+    );
+    assert_eq!(fake.transactions(), writes, "nothing of ours was wrong");
+}
+
+#[tokio::test]
+async fn a_switch_on_outdated_knowledge_still_ends_right() {
+    let (fake, _dir, handle) = notified_engine_with_snat().await;
+    handle.status().await.unwrap();
+    // A change whose notification was lost: the engine's knowledge is outdated.
+    fake.tamper_silently(Family::Ipv4, |t| {
+        t.insert(KILO_NAT.into(), vec!["-A KILO-NAT -j RETURN".into(); 3]);
+    });
+    handle.set(set(&["198.51.100.99"])).await.unwrap();
+    wait_for("the chain to be right", || {
+        fake.chain(Family::Ipv4, KILO_NAT) == snat_only("198.51.100.99")
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn own_notifications_keep_the_known_state_and_foreign_ones_drop_it() {
+    let fake = Arc::new(FakeNetfilter::with_change_notifications());
+    let dir = tempfile::tempdir().unwrap();
+    // A notification that is not our own echo waits an hour for its re-check, but drops what
+    // the engine knows at once: the next switch must read.
+    let handle = start_notified_with_debounce(&fake, dir.path(), Duration::from_secs(3600));
+    handle.set(set(&["198.51.100.20"])).await.unwrap();
+    handle.status().await.unwrap();
+    let reads = fake.reads();
+    handle.set(set(&["198.51.100.99"])).await.unwrap();
+    assert_eq!(
+        fake.reads(),
+        reads,
+        "a switch after our own writes reads nothing"
+    );
+    handle.status().await.unwrap();
+    let reads = fake.reads();
+    fake.tamper(Family::Ipv4, |_| {});
+    handle.set(set(&["198.51.100.20"])).await.unwrap();
+    assert!(
+        fake.reads() > reads,
+        "a foreign change makes the next switch read"
+    );
+}
+
+#[tokio::test]
+async fn a_stream_of_switches_never_piles_up_shadowed_rules() {
+    let fake = Arc::new(FakeNetfilter::new());
+    let dir = tempfile::tempdir().unwrap();
+    let handle = start(&fake, dir.path());
+    let mut longest = 0;
+    // Far less than 100 ms apart: without a bound the tidy would wait for all of them.
+    for i in 0..60 {
+        handle
+            .set(set(&[&format!("198.51.100.{}", i % 2 + 20)]))
+            .await
+            .unwrap();
+        longest = longest.max(fake.chain(Family::Ipv4, KILO_NAT).unwrap().len());
+    }
+    assert!(
+        longest <= MAX_SHADOWED_RULES + 1,
+        "KILO-NAT grew to {longest} rules"
+    );
+}
