@@ -388,16 +388,23 @@ mod tests {
         Some(text.parse().unwrap())
     }
 
+    fn own_table(fake: &Arc<FakeNetfilter>) -> NatTable {
+        let mode = ModeConfig::Own {
+            source_cidrs: vec!["10.44.0.0/24".parse().unwrap()],
+            no_nat_cidrs: vec!["10.4.0.0/16".parse().unwrap()],
+        };
+        let families = ManagedFamilies::new(&Family::ALL, &mode);
+        NatTable::new(mode, families, fake.clone())
+    }
+
     #[test]
-    fn a_switch_inserts_first_and_tidies_only_when_told() {
+    fn an_own_mode_switch_inserts_first_and_tidies_only_when_told() {
         let fake = Arc::new(FakeNetfilter::new());
-        install_kg_chain(&fake, Family::Ipv4);
-        let mut table = kilo_table(&fake);
+        let mut table = own_table(&fake);
         let first = table
             .reconcile(Family::Ipv4, addr("198.51.100.20"), Freshness::Read)
             .unwrap();
         assert!(!first.tidy_queued);
-        assert_eq!(first.rules_touched, 1);
         let switch = table
             .reconcile(Family::Ipv4, addr("198.51.100.99"), Freshness::Known)
             .unwrap();
@@ -406,7 +413,7 @@ mod tests {
         let chain = fake.chain(Family::Ipv4, KILO_NAT).unwrap();
         assert_eq!(
             chain.len(),
-            4,
+            3,
             "new SNAT in front of the old one: {chain:#?}"
         );
         assert!(
@@ -415,13 +422,33 @@ mod tests {
         );
         assert!(table.tidy().is_empty());
         let chain = fake.chain(Family::Ipv4, KILO_NAT).unwrap();
-        assert_eq!(chain.len(), 3, "{chain:#?}");
+        assert_eq!(chain.len(), 2, "{chain:#?}");
         assert!(
             chain[1].ends_with("--to-source 198.51.100.99"),
             "{chain:#?}"
         );
         assert_eq!(table.shadowed_rules(), 0);
         assert_eq!(table.transactions(), 3);
+    }
+
+    #[test]
+    fn a_kilo_mode_switch_is_one_transaction_without_a_tidy() {
+        let fake = Arc::new(FakeNetfilter::new());
+        install_kg_chain(&fake, Family::Ipv4);
+        let mut table = kilo_table(&fake);
+        for to in ["198.51.100.20", "198.51.100.99"] {
+            let applied = table
+                .reconcile(Family::Ipv4, addr(to), Freshness::Known)
+                .unwrap();
+            assert!(!applied.tidy_queued);
+        }
+        let chain = fake.chain(Family::Ipv4, KILO_NAT).unwrap();
+        assert_eq!(chain.len(), 3, "{chain:#?}");
+        assert!(
+            chain[1].ends_with("--to-source 198.51.100.99"),
+            "{chain:#?}"
+        );
+        assert_eq!(table.transactions(), 2);
     }
 
     #[test]
@@ -472,14 +499,15 @@ mod tests {
     #[test]
     fn a_failed_tidy_names_its_family() {
         let fake = Arc::new(FakeNetfilter::new());
-        install_kg_chain(&fake, Family::Ipv4);
-        let mut table = kilo_table(&fake);
+        let mut table = own_table(&fake);
         for to in ["198.51.100.20", "198.51.100.99"] {
             table
                 .reconcile(Family::Ipv4, addr(to), Freshness::Known)
                 .unwrap();
         }
-        install_kg_chain(&fake, Family::Ipv4);
+        fake.tamper_silently(Family::Ipv4, |t| {
+            t.get_mut(KILO_NAT).unwrap().clear();
+        });
         assert_eq!(table.tidy(), vec![Family::Ipv4]);
     }
 

@@ -133,19 +133,37 @@ pub fn plan_transaction(
                 lines.extend(want.iter().cloned().map(Line::Append));
             }
             ModeConfig::Kilo => {
-                // Kilo's rules are never touched: delete our own rules, insert the one wanted.
                 let have = observed.kilo_nat.as_deref().unwrap_or_default();
-                for rule in have.iter().filter(|r| r.is_owned()) {
-                    lines.push(Line::delete(KILO_NAT, rule));
-                }
-                if let Some(index) = want.iter().position(Rule::is_owned) {
-                    lines.push(Line::insert(KILO_NAT, index + 1, &want[index]));
-                }
+                lines.extend(kilo_lines(have, want));
             }
         }
     }
     lines.extend(jump_lines(observed, desired));
     Transaction::of(lines)
+}
+
+/// Kilo mode: the lines that turn `have` into `want` without a rule position. Kilo's agent
+/// inserts its RETURN rules at position 1 at any time, so a position computed from a read made
+/// a moment ago can land our SNAT above a RETURN it inserted since. Instead our own rules are
+/// deleted by their spec, and our SNAT goes in by deleting the rules that follow it (kg's
+/// MASQUERADE, and whatever trails it) by spec and appending SNAT and those rules again, all in
+/// one transaction: whatever kg inserted at the top meanwhile stays above, and if a rule the
+/// lines name has gone, the kernel applies nothing and the family is planned again on a read.
+/// kg only checks that its rules exist, so the re-appended MASQUERADE does not disturb it; its
+/// counters start again from zero.
+fn kilo_lines(have: &[Rule], want: &[Rule]) -> Vec<Line> {
+    let mut lines: Vec<Line> = have
+        .iter()
+        .filter(|r| r.is_owned())
+        .map(|rule| Line::delete(KILO_NAT, rule))
+        .collect();
+    if let Some(index) = want.iter().position(Rule::is_owned) {
+        let tail = &want[index + 1..];
+        lines.extend(tail.iter().map(|rule| Line::delete(KILO_NAT, rule)));
+        lines.push(Line::Append(want[index].clone()));
+        lines.extend(tail.iter().cloned().map(Line::Append));
+    }
+    lines
 }
 
 /// The POSTROUTING lines that put the desired jumps at the top and remove any other jump of
@@ -205,10 +223,16 @@ pub struct Plan {
     pub after_tidy: Observed,
 }
 
-/// Plans the change from `observed` to `desired`: the add-only decision switch when the chain
-/// differs from the desired one only in its decision rules of ours, else one full transaction.
+/// Plans the change from `observed` to `desired`. In own mode, where nobody else writes the
+/// chain, the add-only decision switch when the chain differs from the desired one only in its
+/// decision rules of ours; otherwise, and always in kilo mode (see [`kilo_lines`]), one full
+/// transaction.
 pub fn plan(mode: &ModeConfig, observed: &Observed, desired: &Desired) -> Plan {
-    plan_decision_switch(observed, desired).unwrap_or_else(|| {
+    let switch = match mode {
+        ModeConfig::Own { .. } => plan_decision_switch(observed, desired),
+        ModeConfig::Kilo => None,
+    };
+    switch.unwrap_or_else(|| {
         let after = settled(observed, desired);
         Plan {
             commit: plan_transaction(mode, observed, desired),
@@ -261,15 +285,6 @@ fn plan_decision_switch(observed: &Observed, desired: &Desired) -> Option<Plan> 
         postrouting: observed.postrouting.clone(),
     };
     let (slot, decision) = match new.as_slice() {
-        // Kilo mode with nothing chosen: only a deletion removes our SNAT.
-        [] => {
-            return Some(Plan {
-                commit: delete_old(0),
-                tidy: None,
-                after_commit: settled.clone(),
-                after_tidy: settled,
-            });
-        }
         [(slot, decision)] => (*slot, *decision),
         _ => return None,
     };
@@ -398,11 +413,57 @@ mod tests {
         let tx = plan_transaction(&ModeConfig::Kilo, &observed, &want)
             .unwrap()
             .to_string();
-        assert!(tx.contains("-I KILO-NAT 2 -m comment"), "{tx}");
+        assert!(
+            tx.contains("-A KILO-NAT -m comment --comment \"kilo-egress: SNAT"),
+            "{tx}"
+        );
         assert!(
             !tx.contains(":KILO-NAT"),
             "kilo mode must never flush: {tx}"
         );
+    }
+
+    /// kg inserts its RETURN rules at position 1 whenever it likes; one that lands between our
+    /// read and our commit must still end up above our SNAT.
+    #[test]
+    fn kilo_mode_snat_stays_below_returns_inserted_after_the_read() {
+        use crate::netfilter::Netfilter;
+        use crate::testing::FakeNetfilter;
+        let late_return = r#"-d 10.5.0.0/16 -m comment --comment "Kilo: do not NAT packets destined for peers" -j RETURN"#;
+        let with_stale = {
+            let mut chain = kg_chain();
+            chain.insert(1, snat_rule("198.51.100.99".parse().unwrap()));
+            chain
+        };
+        for (case, read) in [("no SNAT yet", kg_chain()), ("switch", with_stale)] {
+            let fake = FakeNetfilter::new();
+            let args: Vec<String> = read.iter().map(|r| r.args.clone()).collect();
+            fake.tamper_silently(Family::Ipv4, |t| {
+                t.insert(KILO_NAT.into(), args);
+            });
+            let observed = Observed {
+                kilo_nat: Some(read),
+                postrouting: vec![],
+            };
+            let addr = Some("198.51.100.20".parse().unwrap());
+            let want = desired(&ModeConfig::Kilo, Family::Ipv4, addr, &observed);
+            let commit = plan(&ModeConfig::Kilo, &observed, &want).commit.unwrap();
+            fake.tamper_silently(Family::Ipv4, |t| {
+                t.get_mut(KILO_NAT).unwrap().insert(0, late_return.into());
+            });
+            fake.restore(Family::Ipv4, &commit.to_string()).unwrap();
+            let chain = fake.chain(Family::Ipv4, KILO_NAT).unwrap();
+            let snat = chain
+                .iter()
+                .position(|r| r.contains("kilo-egress:"))
+                .unwrap();
+            assert!(
+                chain[..snat].iter().all(|r| r.ends_with("-j RETURN"))
+                    && chain[snat].ends_with("--to-source 198.51.100.20")
+                    && chain[snat + 1..] == [kg_chain()[1].spec()],
+                "{case}: our SNAT must follow every RETURN and precede MASQUERADE: {chain:#?}"
+            );
+        }
     }
 
     #[test]
