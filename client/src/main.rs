@@ -64,7 +64,8 @@ enum Command {
         #[command(flatten)]
         output: OutputArgs,
     },
-    /// Exit 0 when kilo-egressd is serving (its rules are programmed), 1 otherwise.
+    /// Exit 0 when kilo-egressd is serving (the accepted rules are in the kernel), 1 otherwise;
+    /// a degraded write path (the last write failed) is printed on stderr.
     Health,
     /// Keep the egress pair equal to this Node's annotation (runs beside kilo-egressd).
     Watch(kilo_egress::watch::WatchArgs),
@@ -175,13 +176,7 @@ fn print_rules(response: &api::GetRulesResponse, output: Output) {
     }
     let pair = response.egress.clone().unwrap_or_default();
     let mode = Mode::try_from(response.mode).map_or_else(|_| "?".to_string(), |m| m.to_string());
-    // proto3 JSON renders a Timestamp as RFC 3339 (UTC), the form operators read in logs.
-    let applied = response
-        .last_apply_time
-        .as_ref()
-        .and_then(|t| serde_json::to_value(t).ok())
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_else(|| "never".to_string());
+    let applied = rfc3339(response.last_apply_time.as_ref()).unwrap_or_else(|| "never".to_string());
     println!("IPv4 egress:  {}", or_masquerade(&pair.ipv4));
     println!("IPv6 egress:  {}", or_masquerade(&pair.ipv6));
     println!("generation:   {}", response.generation);
@@ -200,10 +195,30 @@ fn print_rules(response: &api::GetRulesResponse, output: Output) {
         if response.in_sync { "yes" } else { "NO" }
     );
     println!("last apply:   {applied}");
-    if !response.last_error.is_empty() {
-        println!("last error:   {}", response.last_error);
+    match &response.last_write_failure {
+        Some(failure) => println!("write path:   {}", degraded(failure)),
+        None if !response.last_error.is_empty() => {
+            println!("last error:   {}", response.last_error)
+        }
+        None => {}
     }
     print_families(&response.families);
+}
+
+/// proto3 JSON renders a Timestamp as RFC 3339 (UTC), the form operators read in logs.
+fn rfc3339<T: serde::Serialize>(time: Option<&T>) -> Option<String> {
+    time.and_then(|t| serde_json::to_value(t).ok())
+        .and_then(|v| v.as_str().map(str::to_string))
+}
+
+/// One line saying that writes fail, since when, doing what, and why.
+fn degraded(failure: &api::WriteFailure) -> String {
+    format!(
+        "DEGRADED since {}: {} failed: {}",
+        rfc3339(failure.time.as_ref()).unwrap_or_else(|| "?".to_string()),
+        failure.what,
+        failure.error
+    )
 }
 
 /// Maps an error to its exit status and prints what to do next.
@@ -299,6 +314,12 @@ async fn run(cli: Cli) -> Result<ExitCode, ClientError> {
             println!("{}", status.as_str_name());
             if status != tonic_health::pb::health_check_response::ServingStatus::Serving {
                 return Ok(ExitCode::from(1));
+            }
+            // SERVING: the accepted rules are in the kernel. Say so when writes fail all the same.
+            if let Ok(rules) = client.get_rules().await
+                && let Some(failure) = &rules.last_write_failure
+            {
+                eprintln!("write path {}", degraded(failure));
             }
         }
     }

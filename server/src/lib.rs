@@ -1,6 +1,6 @@
 //! kilo-egressd: the per-node service that owns the egress decision of the nat chain `KILO-NAT`.
 //!
-//! The data flows one way: a request is parsed into a validated pair of addresses ([`service`]),
+//! One instance per network namespace ([`claim`]). The data flows one way: a request is parsed into a validated pair of addresses ([`service`]),
 //! the engine decides the desired rules ([`rules`], pure) and applies them in one transaction per
 //! family ([`netfilter`]); it keeps them in place against drift, told of changes by
 //! [`nftwatch`], and stores the accepted state ([`state`]). [`server`] puts the gRPC API, health
@@ -12,6 +12,7 @@
 
 pub mod audit;
 pub mod authz;
+pub mod claim;
 pub mod engine;
 pub mod listen;
 pub mod netfilter;

@@ -5,6 +5,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
 use kilo_egress_api::DEFAULT_SOCKET;
 use kilo_egress_api::egress::Family;
+use kilo_egressd::claim;
 use kilo_egressd::engine::{self, Engine, EngineConfig};
 use kilo_egressd::listen::ListenAddr;
 use kilo_egressd::netfilter::{BackendChoice, IptablesCli, choose_backend};
@@ -180,7 +181,8 @@ async fn shutdown_signal() {
     info!(signal = name, "stopping; the egress rules stay in place");
 }
 
-fn cleanup(args: &CommonArgs) -> anyhow::Result<()> {
+async fn cleanup(args: &CommonArgs) -> anyhow::Result<()> {
+    let _claim = claim::claim().await?;
     let mode = match args.mode.expect("clap requires --mode") {
         ModeArg::Kilo => ModeConfig::Kilo,
         ModeArg::Own => ModeConfig::Own {
@@ -213,7 +215,7 @@ fn main() -> std::process::ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     if let Some(Command::Cleanup(args)) = &cli.command {
         init_logging(args.log_format);
-        return cleanup(args);
+        return cleanup(args).await;
     }
     let args = cli.run;
     init_logging(args.common.log_format);
@@ -227,6 +229,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         listen.check_tls(security.tls.is_some())?;
     }
     let mode = mode_config(&args)?;
+    // Before any rule is read: one instance per network namespace.
+    let _claim = claim::claim().await?;
     let (backend, backend_reason) = choose_backend(args.common.iptables_backend);
     let netfilter = Arc::new(IptablesCli::new(backend)?);
     info!(

@@ -124,13 +124,21 @@ pub async fn serve_all(
             .set_service_status(name, ServingStatus::NotServing)
             .await;
     }
+    // SERVING while the accepted rules are in the kernel: from the first successful apply until
+    // an apply or repair fails, and again once a retry succeeds.
     let mut ready = engine.ready();
     tokio::spawn(async move {
-        if ready.wait_for(|ready| *ready).await.is_ok() {
+        loop {
+            let status = if *ready.borrow_and_update() {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
             for name in ["", SERVICE_NAME] {
-                health
-                    .set_service_status(name, ServingStatus::Serving)
-                    .await;
+                health.set_service_status(name, status).await;
+            }
+            if ready.changed().await.is_err() {
+                return;
             }
         }
     });

@@ -95,6 +95,14 @@ pub fn rules_response(report: &StatusReport) -> pb::GetRulesResponse {
         backend_reason: report.backend_reason.clone(),
         drift_detection: report.drift_detection.clone(),
         kernel_transactions: report.kernel_transactions,
+        last_write_failure: report
+            .last_write_failure
+            .as_ref()
+            .map(|f| pb::WriteFailure {
+                what: f.what.clone(),
+                time: Some(timestamp(f.at)),
+                error: f.error.clone(),
+            }),
     }
 }
 

@@ -63,6 +63,8 @@ pub struct FakeNetfilter {
     next_writer: AtomicU32,
     /// The writer id of the last successful restore.
     last_restore_writer: Mutex<Option<u32>>,
+    /// While set, every restore fails with this message (a broken tool or kernel).
+    refusing: Mutex<Option<String>>,
     /// Set by [`FakeNetfilter::with_change_notifications`]: every change is announced, as the
     /// nf_tables kernel does, once the engine has subscribed.
     announces_changes: bool,
@@ -109,6 +111,12 @@ impl FakeNetfilter {
                 writers: [writer].into_iter().collect(),
             });
         }
+    }
+
+    /// Makes every restore fail with `why` (a broken iptables binary, a missing kernel module),
+    /// or work again with `None`.
+    pub fn refuse_restores(&self, why: Option<&str>) {
+        *self.refusing.lock().unwrap() = why.map(str::to_string);
     }
 
     /// How many chains were read.
@@ -275,6 +283,13 @@ impl Netfilter for FakeNetfilter {
     }
 
     fn restore(&self, family: Family, input: &str) -> Result<(), NetfilterError> {
+        if let Some(why) = self.refusing.lock().unwrap().clone() {
+            return Err(NetfilterError::Restore {
+                command: "fake-restore".to_string(),
+                stderr: why,
+                context: String::new(),
+            });
+        }
         let mut tables = self.tables.lock().unwrap();
         let mut scratch = tables[&family].clone();
         FakeNetfilter::apply(&mut scratch, input).map_err(|stderr| NetfilterError::Restore {

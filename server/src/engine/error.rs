@@ -66,6 +66,8 @@ pub enum Trigger {
     KernelNotification,
     /// A SetEgress failed: the previous state is re-asserted.
     Rollback,
+    /// The last apply of the accepted state failed: it is tried again.
+    Retry,
 }
 
 impl fmt::Display for Trigger {
@@ -75,6 +77,7 @@ impl fmt::Display for Trigger {
             Trigger::DriftCheck => "drift check",
             Trigger::KernelNotification => "kernel change notification",
             Trigger::Rollback => "rollback",
+            Trigger::Retry => "retry",
         })
     }
 }

@@ -226,6 +226,7 @@ impl Engine {
             match self.timers.due() {
                 Some(Due::Tidy) => self.tidy(),
                 Some(Due::Recheck(families)) => self.recheck(families),
+                Some(Due::Retry) => self.resync(Trigger::Retry),
                 Some(Due::Check) => {
                     self.resync(Trigger::DriftCheck);
                     self.timers.checked();
@@ -344,10 +345,20 @@ impl Engine {
             }
             return;
         }
+        let what = format!(
+            "SetEgress {} (generation {}) by {requesters}",
+            new.addrs, new.generation
+        );
         match self.apply(&new.addrs, Freshness::Known) {
             Ok(results) => {
                 self.publish(new);
-                self.health.succeeded();
+                let written = results
+                    .iter()
+                    .filter(|(_, a)| a.committed)
+                    .map(|(family, _)| *family)
+                    .collect();
+                self.health.reconciled(&written);
+                self.timers.apply_succeeded();
                 let rules_touched: usize = results.iter().map(|(_, a)| a.rules_touched).sum();
                 if new != old {
                     info!(
@@ -393,7 +404,7 @@ impl Engine {
                 }
                 self.publish(old);
                 let failure = Arc::new(failure);
-                self.health.failed(failure.clone());
+                self.health.write_refused(what, failure.clone());
                 self.resync(Trigger::Rollback);
                 for (_, _, reply) in requests {
                     let _ = reply.send(Err(EngineError::Apply(failure.clone())));
@@ -443,9 +454,10 @@ impl Engine {
     /// at once.
     fn tidy(&mut self) {
         self.timers.tidied();
-        let failed = self.table.tidy();
-        if !failed.is_empty() {
-            self.timers.recheck(failed, Duration::ZERO);
+        let tidied = self.table.tidy();
+        self.health.wrote(&tidied.written);
+        if !tidied.failed.is_empty() {
+            self.timers.recheck(tidied.failed, Duration::ZERO);
         }
     }
 
@@ -463,12 +475,21 @@ impl Engine {
         self.reconcile_logged(managed, Trigger::KernelNotification);
     }
 
+    /// Reconciles `families` with the accepted state on a fresh read; a failure is retried with
+    /// backoff until a reconcile succeeds.
     fn reconcile_logged(&mut self, families: Vec<Family>, trigger: Trigger) {
         let started = Instant::now();
         let addrs = self.state.addrs;
         let mut failure = None;
+        let mut written = BTreeSet::new();
         for family in families {
-            match self.reconcile(family, &addrs, Freshness::Read) {
+            let result = self.reconcile(family, &addrs, Freshness::Read);
+            if let Ok(applied) = &result
+                && applied.committed
+            {
+                written.insert(family);
+            }
+            match result {
                 Ok(applied) if applied.rules_touched > 0 && trigger == Trigger::Start => info!(
                     %family,
                     was = %applied.drift.join("; "),
@@ -489,8 +510,21 @@ impl Engine {
             }
         }
         match failure {
-            None => self.health.succeeded(),
-            Some(failure) => self.health.failed(Arc::new(failure)),
+            None => {
+                self.health.reconciled(&written);
+                self.timers.apply_succeeded();
+            }
+            Some(failure) => {
+                // What did succeed on the way still counts as a write that worked.
+                self.health.wrote(&written);
+                let what = match trigger {
+                    Trigger::Start => format!("programming the stored state {addrs}"),
+                    Trigger::Rollback => format!("rollback to {addrs}"),
+                    other => format!("repair ({other}) of {addrs}"),
+                };
+                self.health.reconcile_failed(what, Arc::new(failure));
+                self.timers.apply_failed();
+            }
         }
     }
 
@@ -560,14 +594,25 @@ impl Engine {
 
     fn status_report(&self) -> StatusReport {
         let families = self.read_reports(&self.state.addrs, report::read_back);
-        let last_error = self.health.last_error();
+        let last_write_failure =
+            self.health
+                .last_write_failure()
+                .map(|f| report::WriteFailureReport {
+                    what: f.what.clone(),
+                    at: f.at,
+                    error: f.error.to_string(),
+                });
+        let last_error = last_write_failure.as_ref().map(|f| f.error.clone());
         StatusReport {
             addrs: self.state.addrs,
             generation: self.state.generation,
             mode: self.table.mode().mode(),
-            in_sync: families.iter().all(|f| f.in_sync) && last_error.is_none(),
+            in_sync: families.iter().all(|f| f.in_sync)
+                && last_error.is_none()
+                && !self.health.is_failing(),
             families,
             last_error,
+            last_write_failure,
             last_apply: self.health.last_apply(),
             backend: self.table.backend_name(),
             backend_reason: self.backend_reason.clone(),

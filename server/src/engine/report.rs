@@ -59,8 +59,10 @@ pub struct StatusReport {
     pub families: Vec<FamilyReport>,
     /// Whether every family is in sync.
     pub in_sync: bool,
-    /// The last error met while applying, if the last attempt failed.
+    /// The error of the last write that failed, while no write has succeeded since.
     pub last_error: Option<String>,
+    /// The last write that failed, while no write has succeeded since (a degraded write path).
+    pub last_write_failure: Option<WriteFailureReport>,
     /// When rules were last applied successfully.
     pub last_apply: Option<SystemTime>,
     /// The iptables backend.
@@ -71,6 +73,17 @@ pub struct StatusReport {
     pub drift_detection: String,
     /// Transactions committed since start.
     pub kernel_transactions: u64,
+}
+
+/// A write the kernel refused, while no write has succeeded since.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WriteFailureReport {
+    /// What was being written.
+    pub what: String,
+    /// When it failed.
+    pub at: SystemTime,
+    /// Why, naming the family.
+    pub error: String,
 }
 
 /// The report of a family the engine leaves alone.

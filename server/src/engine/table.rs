@@ -44,6 +44,8 @@ pub struct Reconciled {
     pub desired: Desired,
     /// Whether a tidy was queued for rules the commit shadowed.
     pub tidy_queued: bool,
+    /// Whether a transaction was committed.
+    pub committed: bool,
 }
 
 /// One family as read from the kernel, with what the engine wants there.
@@ -57,6 +59,15 @@ pub struct ReadBack {
     pub desired: Desired,
     /// How the kernel differs from it.
     pub drift: Vec<String>,
+}
+
+/// What a [`NatTable::tidy`] did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Tidied {
+    /// Families whose tidy was committed.
+    pub written: BTreeSet<Family>,
+    /// Families whose tidy failed: they must be re-checked.
+    pub failed: Vec<Family>,
 }
 
 /// A transaction that removes rules a switch shadowed, and what the family holds after it.
@@ -245,6 +256,7 @@ impl NatTable {
             let drift = rules::describe_drift(&self.mode, &observed, &desired);
             let plan = rules::plan(&self.mode, &observed, &desired);
             let mut rules_touched = 0;
+            let committed = plan.commit.is_some();
             if let Some(commit) = &plan.commit {
                 match self.restore(family, commit) {
                     Ok(()) => rules_touched = commit.rule_count(),
@@ -273,6 +285,7 @@ impl NatTable {
                 settled: plan.after_tidy,
                 desired,
                 tidy_queued,
+                committed,
             });
         }
     }
@@ -286,21 +299,22 @@ impl NatTable {
     }
 
     /// Removes the rules the last commits shadowed. A failure only means the chain changed
-    /// meanwhile: the families it returns must be re-checked.
-    pub fn tidy(&mut self) -> Vec<Family> {
-        let mut failed = Vec::new();
+    /// meanwhile: the families it returns as failed must be re-checked.
+    pub fn tidy(&mut self) -> Tidied {
+        let mut tidied = Tidied::default();
         for tidy in std::mem::take(&mut self.pending_tidy) {
             match self.restore(tidy.family, &tidy.transaction) {
                 Ok(()) => {
                     self.known.insert(tidy.family, tidy.settled);
+                    tidied.written.insert(tidy.family);
                 }
                 Err(e) => {
                     debug!(family = %tidy.family, error = %e, "removing shadowed rules failed; re-checking");
-                    failed.push(tidy.family);
+                    tidied.failed.push(tidy.family);
                 }
             }
         }
-        failed
+        tidied
     }
 
     /// Removes rules of ours that an earlier configuration or mode left in families the table
@@ -420,7 +434,7 @@ mod tests {
             chain[1].ends_with("--to-source 198.51.100.99"),
             "{chain:#?}"
         );
-        assert!(table.tidy().is_empty());
+        assert!(table.tidy().failed.is_empty());
         let chain = fake.chain(Family::Ipv4, KILO_NAT).unwrap();
         assert_eq!(chain.len(), 2, "{chain:#?}");
         assert!(
@@ -508,7 +522,7 @@ mod tests {
         fake.tamper_silently(Family::Ipv4, |t| {
             t.get_mut(KILO_NAT).unwrap().clear();
         });
-        assert_eq!(table.tidy(), vec![Family::Ipv4]);
+        assert_eq!(table.tidy().failed, vec![Family::Ipv4]);
     }
 
     #[test]

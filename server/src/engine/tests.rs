@@ -405,3 +405,71 @@ async fn a_stream_of_switches_never_piles_up_shadowed_rules() {
         "KILO-NAT grew to {longest} rules"
     );
 }
+
+#[tokio::test]
+async fn a_refused_write_stays_visible_until_a_write_succeeds() {
+    let fake = Arc::new(FakeNetfilter::new());
+    let dir = tempfile::tempdir().unwrap();
+    let handle = start(&fake, dir.path());
+    fake.refuse_restores(Some("iptables-restore: broken"));
+    let err = handle.set(set(&["198.51.100.20"])).await.unwrap_err();
+    assert!(matches!(err, EngineError::Apply(_)), "{err}");
+    // The rollback found the previous rules intact: the node is healthy, but writes fail.
+    let status = handle.status().await.unwrap();
+    assert!(*handle.ready().borrow(), "the accepted rules are in place");
+    assert!(!status.in_sync, "a failed write is not hidden: {status:?}");
+    let failure = status
+        .last_write_failure
+        .expect("the failed write is reported");
+    assert!(
+        failure.what.starts_with("SetEgress ipv4=198.51.100.20"),
+        "{failure:?}"
+    );
+    assert!(failure.error.contains("broken"), "{failure:?}");
+    assert_eq!(status.last_error.as_deref(), Some(failure.error.as_str()));
+    fake.refuse_restores(None);
+    handle.set(set(&["198.51.100.20"])).await.unwrap();
+    let status = handle.status().await.unwrap();
+    assert!(
+        status.in_sync && status.last_write_failure.is_none(),
+        "{status:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_failed_repair_is_retried_until_the_cause_clears() {
+    let (fake, _dir, handle) = notified_engine_with_snat().await;
+    fake.refuse_restores(Some("iptables-restore: broken"));
+    fake.tamper(Family::Ipv4, |t| {
+        t.get_mut(KILO_NAT).unwrap().clear();
+    });
+    let mut ready = handle.ready();
+    tokio::time::timeout(Duration::from_secs(5), ready.wait_for(|ready| !*ready))
+        .await
+        .expect("health turns NOT_SERVING while the repair fails")
+        .unwrap();
+    let status = handle.status().await.unwrap();
+    assert!(!status.in_sync);
+    assert!(
+        status
+            .last_write_failure
+            .unwrap()
+            .what
+            .starts_with("repair (kernel change notification)"),
+    );
+    // Both check intervals are an hour: only the retry loop can bring the rule back.
+    fake.refuse_restores(None);
+    wait_for("the retried repair", || {
+        fake.chain(Family::Ipv4, KILO_NAT) == snat_only("198.51.100.20")
+    })
+    .await;
+    tokio::time::timeout(Duration::from_secs(5), ready.wait_for(|ready| *ready))
+        .await
+        .expect("SERVING again")
+        .unwrap();
+    let status = handle.status().await.unwrap();
+    assert!(
+        status.in_sync && status.last_write_failure.is_none(),
+        "{status:?}"
+    );
+}

@@ -1,5 +1,6 @@
 //! When the engine wakes up next: the tidy deadline, the debounced re-check of families a change
-//! notification named, and the periodic check (safety check with notifications, polling without).
+//! notification named, the retry of a failed apply (with backoff), and the periodic check (safety
+//! check with notifications, polling without).
 //! Time comes from a [`Clock`], so the deadlines are tested by advancing a fake clock, not by
 //! sleeping.
 
@@ -17,6 +18,12 @@ pub const TIDY_MAX_DELAY: Duration = Duration::from_secs(1);
 
 /// A tidy runs at once when it would delete this many shadowed rules.
 pub const MAX_SHADOWED_RULES: usize = 16;
+
+/// The first retry of a failed apply or repair comes this soon; each failure doubles the wait.
+pub const RETRY_INITIAL: Duration = Duration::from_millis(100);
+
+/// The longest wait between two retries.
+pub const RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// The source of the current time.
 pub trait Clock: Send {
@@ -50,6 +57,8 @@ pub enum Due {
     Tidy,
     /// Re-read these families: a change notification named them.
     Recheck(BTreeSet<Family>),
+    /// Apply the accepted state again: the last attempt failed.
+    Retry,
     /// Re-read every managed family (safety check or poll); call [`Timers::checked`] after it.
     Check,
 }
@@ -67,6 +76,9 @@ pub struct Timers {
     tidy_at: Option<Instant>,
     /// When the oldest pending tidy was queued.
     tidy_since: Option<Instant>,
+    /// When to retry a failed apply, and the wait after the next failure.
+    retry_at: Option<Instant>,
+    retry_backoff: Duration,
 }
 
 impl Timers {
@@ -86,6 +98,8 @@ impl Timers {
             recheck: None,
             tidy_at: None,
             tidy_since: None,
+            retry_at: None,
+            retry_backoff: RETRY_INITIAL,
         };
         timers.checked();
         timers
@@ -140,6 +154,10 @@ impl Timers {
             let (_, families) = self.recheck.take().expect("checked above");
             return Some(Due::Recheck(families));
         }
+        if self.retry_at.is_some_and(|at| at <= now) {
+            self.retry_at = None;
+            return Some(Due::Retry);
+        }
         (self.next_check <= now).then_some(Due::Check)
     }
 
@@ -149,6 +167,7 @@ impl Timers {
             Some(self.next_check),
             self.recheck.as_ref().map(|(at, _)| *at),
             self.tidy_at,
+            self.retry_at,
         ]
         .into_iter()
         .flatten()
@@ -182,6 +201,19 @@ impl Timers {
         } else {
             (now + TIDY_DELAY).min(since + TIDY_MAX_DELAY)
         });
+    }
+
+    /// An apply of the accepted state failed: retry after the current backoff, which doubles
+    /// (up to [`RETRY_MAX`]) for the next failure.
+    pub fn apply_failed(&mut self) {
+        self.retry_at = Some(self.now() + self.retry_backoff);
+        self.retry_backoff = (self.retry_backoff * 2).min(RETRY_MAX);
+    }
+
+    /// An apply of the accepted state succeeded: no retry, and the next failure retries soon.
+    pub fn apply_succeeded(&mut self) {
+        self.retry_at = None;
+        self.retry_backoff = RETRY_INITIAL;
     }
 
     /// The pending tidies ran (at their deadline, or early for a reader).
@@ -260,6 +292,25 @@ mod tests {
         let (_clock, mut timers) = timers(DriftDetection::Notifications);
         timers.tidy_queued(MAX_SHADOWED_RULES);
         assert_eq!(timers.due(), Some(Due::Tidy));
+    }
+
+    #[test]
+    fn failed_applies_are_retried_with_a_doubling_bounded_backoff() {
+        let (clock, mut timers) = timers(DriftDetection::Notifications);
+        let mut waits = Vec::new();
+        for _ in 0..8 {
+            timers.apply_failed();
+            let wait = timers.until_next();
+            waits.push(wait.as_millis());
+            clock.advance(wait);
+            assert_eq!(timers.due(), Some(Due::Retry));
+        }
+        assert_eq!(waits, [100, 200, 400, 800, 1600, 3200, 5000, 5000]);
+        timers.apply_succeeded();
+        timers.apply_failed();
+        assert_eq!(timers.until_next(), RETRY_INITIAL);
+        timers.apply_succeeded();
+        assert!(timers.until_next() > RETRY_MAX, "no retry pending");
     }
 
     #[test]
