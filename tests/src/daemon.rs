@@ -45,6 +45,8 @@ pub struct DaemonConfig {
     pub auto_backend: bool,
     /// Further arguments, e.g. `--source-cidr 10.44.0.0/24`.
     pub args: Vec<String>,
+    /// Environment variables set for the process, e.g. a `PATH` with wrapped iptables tools.
+    pub env: Vec<(String, String)>,
 }
 
 impl DaemonConfig {
@@ -60,6 +62,7 @@ impl DaemonConfig {
             backend,
             auto_backend: false,
             args,
+            env: Vec::new(),
         }
     }
 
@@ -70,6 +73,7 @@ impl DaemonConfig {
             backend,
             auto_backend: false,
             args: Vec::new(),
+            env: Vec::new(),
         }
     }
 
@@ -192,6 +196,7 @@ impl<'lab> Daemon<'lab> {
         if std::env::var_os("RUST_LOG").is_none() {
             command.env("RUST_LOG", "info");
         }
+        command.envs(self.config.env.iter().map(|(k, v)| (k, v)));
         let child = command
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)

@@ -121,6 +121,7 @@ pub fn own_config(backend: Backend, rules: usize, detection: Detection) -> Daemo
             "--safety-check-interval".into(),
             "30s".into(),
         ],
+        env: Vec::new(),
     };
     for chunk in no_nat_cidrs(rules).chunks(1000) {
         config = config.arg("--no-nat-cidr").arg(chunk.join(","));
