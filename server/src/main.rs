@@ -251,7 +251,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let (handle, _engine) = tokio::task::spawn_blocking(move || {
         Engine::start(config, netfilter, StateStore::new(&args.common.state_dir))
     })
-    .await??;
+    .await?;
     server::serve_all(
         &listens,
         handle,

@@ -350,16 +350,23 @@ impl Netfilter for IptablesCli {
             .stderr(Stdio::piped())
             .spawn()
             .map_err(spawn_error)?;
-        if let Some(mut stdin) = child.stdin.take() {
-            stdin.write_all(input.as_bytes()).map_err(spawn_error)?;
-        }
+        // A tool that exits before reading all of its input closes the pipe: what it printed
+        // and its exit status say why, not the write error; and it must be waited for either way.
+        let written = match child.stdin.take() {
+            Some(mut stdin) => stdin.write_all(input.as_bytes()),
+            None => Ok(()),
+        };
         let pid = child.id();
         let output = child.wait_with_output().map_err(spawn_error)?;
         if output.status.success() {
+            written.map_err(spawn_error)?;
             self.last_writer.store(pid, Ordering::SeqCst);
             return Ok(());
         }
-        let stderr = String::from_utf8_lossy(&output.stderr).trim().to_string();
+        let mut stderr = String::from_utf8_lossy(&output.stderr).trim().to_string();
+        if stderr.is_empty() {
+            stderr = format!("exited with {} and printed nothing", output.status);
+        }
         Err(NetfilterError::Restore {
             command: command.to_string(),
             context: failing_line_context(&stderr, input),

@@ -1,7 +1,8 @@
 //! The accepted desired state on disk: written atomically (temp file, fsync, rename, fsync of the
-//! directory) so a crash leaves either the old or the new state, never a torn file. A file that
-//! cannot be read back is moved aside, so the service starts (with MASQUERADE) instead of
-//! crash-looping.
+//! directory) so a crash leaves either the old or the new state, never a torn file. A file (or
+//! directory) that cannot be read back is moved aside, so the service starts instead of
+//! crash-looping. Generations never wrap and never repeat: a new state starts at a new epoch (the
+//! time in microseconds), above anything an earlier state of this node handed out.
 
 use kilo_egress_api::egress::EgressAddrs;
 use serde::{Deserialize, Serialize};
@@ -12,6 +13,22 @@ use std::path::{Path, PathBuf};
 
 /// The state file's name inside the state directory.
 pub const STATE_FILE: &str = "state.json";
+
+/// The largest generation a state file may hold; anything above is taken as corruption. Far
+/// above every epoch ([`new_epoch`]) and far below `u64::MAX`, so increments never wrap.
+pub const MAX_GENERATION: u64 = 1 << 62;
+
+/// The generation a new state starts at: microseconds since the Unix epoch. A node's earlier
+/// state (before a cleanup, or in a file that was lost) started at an earlier epoch and counted
+/// one per change, far fewer than one per microsecond, so no writer can hold this value or any
+/// after it.
+pub fn new_epoch() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or_default()
+        .clamp(1, MAX_GENERATION)
+}
 const FORMAT_VERSION: u32 = 1;
 
 /// The desired state the service keeps across restarts.
@@ -21,6 +38,26 @@ pub struct StoredState {
     pub addrs: EgressAddrs,
     /// Incremented by every accepted change of the pair.
     pub generation: u64,
+}
+
+impl StoredState {
+    /// A new state for `addrs`, at a new epoch.
+    pub fn new(addrs: EgressAddrs) -> StoredState {
+        StoredState {
+            addrs,
+            generation: new_epoch(),
+        }
+    }
+
+    /// The state after a change to `addrs`: the next generation.
+    pub fn changed_to(self, addrs: EgressAddrs) -> StoredState {
+        StoredState {
+            addrs,
+            // Generations start at most at MAX_GENERATION (2^62): adding one per change cannot
+            // come near u64::MAX.
+            generation: self.generation.saturating_add(1),
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -80,26 +117,26 @@ impl StateStore {
         self.dir.join(STATE_FILE)
     }
 
-    /// Loads the state; a corrupt file is moved aside and reported, never fatal.
+    /// Loads the state. A file that cannot be read or parsed (garbage, wrong types, a
+    /// directory, no permission) is moved aside and reported, never fatal; only a failure to
+    /// move it aside is an error.
     pub fn load(&self) -> Result<Loaded, StateError> {
         let path = self.path();
-        let text = match fs::read(&path) {
-            Ok(bytes) => bytes,
+        let reason = match fs::read(&path) {
+            Ok(bytes) => match parse(&bytes) {
+                Ok(state) => return Ok(Loaded::State(state)),
+                Err(reason) => reason,
+            },
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Loaded::Fresh),
-            Err(source) => return Err(io("read", &path, source)),
+            Err(e) => format!("cannot read it: {e}"),
         };
-        match parse(&text) {
-            Ok(state) => Ok(Loaded::State(state)),
-            Err(reason) => {
-                let stamp = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_secs())
-                    .unwrap_or_default();
-                let moved_to = self.dir.join(format!("{STATE_FILE}.corrupt-{stamp}"));
-                fs::rename(&path, &moved_to).map_err(|source| io("move aside", &path, source))?;
-                Ok(Loaded::Corrupt { reason, moved_to })
-            }
-        }
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_micros())
+            .unwrap_or_default();
+        let moved_to = self.dir.join(format!("{STATE_FILE}.corrupt-{stamp}"));
+        fs::rename(&path, &moved_to).map_err(|source| io("move aside", &path, source))?;
+        Ok(Loaded::Corrupt { reason, moved_to })
     }
 
     /// Saves the state atomically.
@@ -148,6 +185,12 @@ fn parse(text: &[u8]) -> Result<StoredState, String> {
     let file: StateFile = serde_json::from_slice(text).map_err(|e| e.to_string())?;
     if file.version != FORMAT_VERSION {
         return Err(format!("unknown state format version {}", file.version));
+    }
+    if file.generation > MAX_GENERATION {
+        return Err(format!(
+            "generation {} is out of range (at most {MAX_GENERATION})",
+            file.generation
+        ));
     }
     let addrs = EgressAddrs {
         ipv4: file.ipv4,
@@ -200,6 +243,44 @@ mod tests {
         }
         assert!(!store.path().exists());
         assert!(matches!(store.load().unwrap(), Loaded::Fresh));
+    }
+
+    #[test]
+    fn a_directory_or_an_out_of_range_generation_counts_as_corrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::new(dir.path());
+        fs::create_dir(store.path()).unwrap();
+        match store.load().unwrap() {
+            Loaded::Corrupt { moved_to, reason } => {
+                assert!(moved_to.is_dir(), "{reason}");
+                assert!(reason.contains("cannot read it"), "{reason}");
+            }
+            other => panic!("expected Corrupt, got {other:?}"),
+        }
+        fs::write(
+            store.path(),
+            format!(
+                r#"{{"version":1,"generation":{},"ipv4":null,"ipv6":null}}"#,
+                u64::MAX
+            ),
+        )
+        .unwrap();
+        assert!(
+            matches!(store.load().unwrap(), Loaded::Corrupt { reason, .. } if reason.contains("out of range"))
+        );
+    }
+
+    #[test]
+    fn new_states_start_above_every_earlier_generation() {
+        let first = StoredState::new(EgressAddrs::NONE);
+        let mut later = first;
+        for _ in 0..1000 {
+            later = later.changed_to(EgressAddrs::NONE);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let again = StoredState::new(EgressAddrs::NONE);
+        assert!(again.generation > later.generation, "{again:?} {later:?}");
+        assert!(again.generation <= MAX_GENERATION);
     }
 
     #[test]

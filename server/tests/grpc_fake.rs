@@ -51,7 +51,7 @@ async fn start_listening(netfilter: Arc<dyn Netfilter>, tcp: bool) -> Started {
     let dir = tempfile::tempdir().unwrap();
     let config = EngineConfig::quiet(own_mode());
     let (engine, _thread) =
-        Engine::start(config, netfilter, StateStore::new(dir.path().join("state"))).unwrap();
+        Engine::start(config, netfilter, StateStore::new(dir.path().join("state")));
     let socket = dir.path().join("api.sock");
     let (listen, addr) = if tcp {
         // A free port: bound, read and released; the server binds it again right away.
@@ -118,6 +118,7 @@ fn kilo_nat(fake: &FakeNetfilter) -> (Option<Vec<String>>, Option<Vec<String>>) 
 #[tokio::test]
 async fn set_egress_programs_snat_for_both_families_and_get_rules_reads_it_back() {
     let mut run = start().await;
+    let g0 = run.client.get_rules().await.unwrap().generation;
     let reply = run
         .client
         .set_egress(
@@ -132,7 +133,7 @@ async fn set_egress_programs_snat_for_both_families_and_get_rules_reads_it_back(
         (pair.ipv4.as_str(), pair.ipv6.as_str()),
         ("198.51.100.20", "2001:db8::20")
     );
-    assert_eq!(reply.generation, 1);
+    assert_eq!(reply.generation, g0 + 1);
     settle(&run).await;
     let (v4, v6) = kilo_nat(&run.fake);
     assert!(
@@ -182,12 +183,14 @@ async fn settle(run: &Running) {
 async fn invalid_entries_get_invalid_argument_naming_the_entry_and_change_nothing() {
     let run = start().await;
     let mut raw = run.client.raw();
-    raw.set_egress(pb::SetEgressRequest {
-        egress_ips: vec!["198.51.100.20".into()],
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let first = raw
+        .set_egress(pb::SetEgressRequest {
+            egress_ips: vec!["198.51.100.20".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
     settle(&run).await;
     let before = kilo_nat(&run.fake);
     let transactions = run.fake.transactions();
@@ -215,7 +218,10 @@ async fn invalid_entries_get_invalid_argument_naming_the_entry_and_change_nothin
     }
     assert_eq!(kilo_nat(&run.fake), before);
     assert_eq!(run.fake.transactions(), transactions);
-    assert_eq!(run.client.clone().get_rules().await.unwrap().generation, 1);
+    assert_eq!(
+        run.client.clone().get_rules().await.unwrap().generation,
+        first.generation
+    );
 }
 
 #[tokio::test]
@@ -248,15 +254,16 @@ async fn oversized_requests_are_refused() {
 #[tokio::test]
 async fn stale_expected_generation_fails_with_failed_precondition() {
     let mut run = start().await;
+    let g0 = run.client.get_rules().await.unwrap().generation;
     run.client
-        .set_egress(vec!["198.51.100.20".into()], false, Some(0))
+        .set_egress(vec!["198.51.100.20".into()], false, Some(g0))
         .await
         .unwrap();
     settle(&run).await;
     let before = kilo_nat(&run.fake);
     let err = run
         .client
-        .set_egress(vec!["198.51.100.30".into()], false, Some(0))
+        .set_egress(vec!["198.51.100.30".into()], false, Some(g0))
         .await
         .unwrap_err();
     let ClientError::Status(status) = err else {
@@ -264,7 +271,9 @@ async fn stale_expected_generation_fails_with_failed_precondition() {
     };
     assert_eq!(status.code(), Code::FailedPrecondition);
     assert!(
-        status.message().contains("generation is 1"),
+        status
+            .message()
+            .contains(&format!("generation is {}", g0 + 1)),
         "{}",
         status.message()
     );
@@ -275,6 +284,7 @@ async fn stale_expected_generation_fails_with_failed_precondition() {
 async fn dry_run_shows_rules_and_changes_nothing() {
     let mut run = start().await;
     settle(&run).await;
+    let g0 = run.client.get_rules().await.unwrap().generation;
     let before = kilo_nat(&run.fake);
     let state_before = std::fs::read(run.dir.path().join("state/state.json")).ok();
     let reply = run
@@ -294,7 +304,7 @@ async fn dry_run_shows_rules_and_changes_nothing() {
         std::fs::read(run.dir.path().join("state/state.json")).ok(),
         state_before
     );
-    assert_eq!(run.client.get_rules().await.unwrap().generation, 0);
+    assert_eq!(run.client.get_rules().await.unwrap().generation, g0);
 }
 
 #[tokio::test]

@@ -105,10 +105,31 @@ fn kilo_mode_restart_puts_snat_back_before_api_serves(family: Family, backend: B
 }
 for_each_variant!(kilo_mode_restart_puts_snat_back_before_api_serves: nft, legacy);
 
-fn corrupt_state_file_is_moved_aside_and_masquerade_is_used(family: Family, backend: Backend) {
+/// The state files moved aside so far.
+fn moved_aside(d: &kilo_egress_tests::Daemon<'_>) -> usize {
+    std::fs::read_dir(d.state_dir())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("state.json.corrupt-")
+        })
+        .count()
+}
+
+/// A corrupt state file (garbage, then a directory in its place) is moved aside and reported
+/// loudly; the service starts anyway, keeps the pair that its rules in the kernel program
+/// instead of replacing a still-correct SNAT with MASQUERADE, writes a fresh state file, and
+/// hands out generations no earlier writer can hold.
+fn corrupt_state_file_is_moved_aside_and_the_kernels_pair_is_kept(
+    family: Family,
+    backend: Backend,
+) {
     let lab = Lab::new().unwrap();
     let mut d = lab.start_daemon(DaemonConfig::own(backend)).unwrap();
     d.must(d.cli_ok(&["set", family.preferred()]));
+    let old_generation = d.must(d.get_rules()).generation();
     let stopped = d.stop();
     d.must(stopped);
     let state = d.state_dir().join("state.json");
@@ -121,27 +142,43 @@ fn corrupt_state_file_is_moved_aside_and_masquerade_is_used(family: Family, back
         "the corrupt file is reported loudly{}",
         d.context()
     );
-    let moved: Vec<_> = std::fs::read_dir(d.state_dir())
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .filter(|e| {
-            e.file_name()
-                .to_string_lossy()
-                .starts_with("state.json.corrupt-")
-        })
-        .collect();
     assert_eq!(
-        moved.len(),
+        moved_aside(&d),
         1,
         "the corrupt file is kept aside for inspection"
     );
     d.assert_upstream_sees(
         family,
-        family.primary(),
-        "MASQUERADE until the pair is set again",
+        family.preferred(),
+        "the SNAT of ours in the kernel is kept",
     );
     let view = d.must(d.get_rules());
-    assert_eq!(view.egress(family), "", "{:#}", view.raw);
-    assert_eq!(view.generation(), 0, "{:#}", view.raw);
+    assert_eq!(view.egress(family), family.preferred(), "{:#}", view.raw);
+    let adopted_generation = view.generation();
+    assert!(adopted_generation > old_generation, "{:#}", view.raw);
+    assert!(
+        d.state_file()
+            .is_some_and(|f| String::from_utf8_lossy(&f).contains(family.preferred())),
+        "a fresh state file is written"
+    );
+    let out = d.must(d.cli(&[
+        "set",
+        family.primary(),
+        "--expected-generation",
+        &old_generation.to_string(),
+    ]));
+    assert_eq!(out.code, Some(1), "an old generation cannot match: {out}");
+
+    // A directory where the file should be: no crash loop either.
+    let stopped = d.stop();
+    d.must(stopped);
+    std::fs::remove_file(&state).unwrap();
+    std::fs::create_dir(&state).unwrap();
+    let started = d.start_again();
+    d.must(started);
+    assert_eq!(moved_aside(&d), 2, "the directory is moved aside");
+    let view = d.must(d.get_rules());
+    assert_eq!(view.egress(family), family.preferred(), "{:#}", view.raw);
+    assert!(view.generation() > adopted_generation, "{:#}", view.raw);
 }
-for_each_variant!(corrupt_state_file_is_moved_aside_and_masquerade_is_used: nft, legacy);
+for_each_variant!(corrupt_state_file_is_moved_aside_and_the_kernels_pair_is_kept: nft, legacy);

@@ -30,7 +30,7 @@ pub use table::cleanup;
 use crate::netfilter::Netfilter;
 use crate::nftwatch::KernelEvent;
 use crate::rules::ModeConfig;
-use crate::state::{Loaded, StateError, StateStore, StoredState};
+use crate::state::{Loaded, StateStore, StoredState};
 use families::ManagedFamilies;
 use health::ApplyHealth;
 use table::{Freshness, NatTable, Reconciled};
@@ -151,17 +151,17 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Loads the stored state, programs it, and starts the engine thread (and, on nft, the
+    /// Loads the stored state (recovering from a corrupt one), programs it, and starts the engine thread (and, on nft, the
     /// thread that listens for kernel change notifications). Returns once the first apply has
     /// been attempted, so the stored state is in the kernel before the API serves.
     pub fn start(
         config: EngineConfig,
         netfilter: Arc<dyn Netfilter>,
         store: StateStore,
-    ) -> Result<(EngineHandle, std::thread::JoinHandle<()>), StateError> {
-        let state = load_state(&store)?;
+    ) -> (EngineHandle, std::thread::JoinHandle<()>) {
         let families = ManagedFamilies::new(&config.families, &config.mode);
         let table = NatTable::new(config.mode, families, netfilter);
+        let state = load_state(&store, &table);
         let (commands, inbox) = mpsc::channel();
         // Subscribe before the first read, so no change between that read and the
         // subscription goes unseen.
@@ -210,14 +210,14 @@ impl Engine {
             .name("egress-engine".into())
             .spawn(move || engine.run(inbox))
             .expect("spawn engine thread");
-        Ok((
+        (
             EngineHandle {
                 commands,
                 ready: ready_rx,
                 accepted: accepted_rx,
             },
             thread,
-        ))
+        )
     }
 
     /// The request loop: whatever is due first, else wait for commands until it is.
@@ -306,10 +306,7 @@ impl Engine {
                 continue;
             }
             if request.parsed.addrs != running.addrs {
-                running = StoredState {
-                    addrs: request.parsed.addrs,
-                    generation: running.generation + 1,
-                };
+                running = running.changed_to(request.parsed.addrs);
             }
             requests.push((request, running, reply));
         }
@@ -581,7 +578,7 @@ impl Engine {
         let generation = if request.parsed.addrs == running.addrs {
             running.generation
         } else {
-            running.generation + 1
+            running.changed_to(request.parsed.addrs).generation
         };
         SetOutcome {
             addrs: request.parsed.addrs,
@@ -622,26 +619,46 @@ impl Engine {
     }
 }
 
-/// The stored state, or MASQUERADE on a fresh node or after a corrupt file was moved aside.
-fn load_state(store: &StateStore) -> Result<StoredState, StateError> {
-    Ok(match store.load()? {
-        Loaded::Fresh => {
-            info!(path = %store.path().display(), "no stored state: starting with MASQUERADE");
-            StoredState::default()
-        }
-        Loaded::State(state) => {
+/// The stored state. A fresh node starts with MASQUERADE; after a corrupt or unreadable state
+/// file (moved aside) the service adopts the pair that the rules of ours in the kernel program,
+/// when they are well-formed, else MASQUERADE. Either way a new state at a new epoch is written
+/// at once, so no earlier writer's generation can match it.
+fn load_state(store: &StateStore, table: &NatTable) -> StoredState {
+    let state = match store.load() {
+        Ok(Loaded::State(state)) => {
             info!(egress = %state.addrs, generation = state.generation, "loaded stored state");
+            return state;
+        }
+        Ok(Loaded::Fresh) => {
+            let state = StoredState::new(EgressAddrs::NONE);
+            info!(path = %store.path().display(), generation = state.generation, "no stored state: starting with MASQUERADE");
             state
         }
-        Loaded::Corrupt { reason, moved_to } => {
+        Ok(Loaded::Corrupt { reason, moved_to }) => {
+            let state = StoredState::new(table.adopt());
             error!(
                 %reason,
                 moved_to = %moved_to.display(),
-                "STORED STATE IS CORRUPT: moved it aside and starting with MASQUERADE; set the egress addresses again"
+                adopted = %state.addrs,
+                generation = state.generation,
+                "STORED STATE IS CORRUPT: moved it aside; keeping the pair the rules of ours in the kernel program (MASQUERADE where there are none); check it and set it again if it is not what this node should use"
             );
-            StoredState::default()
+            state
         }
-    })
+        Err(e) => {
+            let state = StoredState::new(table.adopt());
+            error!(
+                error = %e,
+                adopted = %state.addrs,
+                "STORED STATE IS UNUSABLE and cannot be moved aside: keeping the pair the rules of ours in the kernel program; fix the state directory"
+            );
+            return state;
+        }
+    };
+    if let Err(e) = store.save(&state) {
+        error!(error = %e, "cannot write the new state file; a SetEgress will fail until the state directory is writable");
+    }
+    state
 }
 
 #[cfg(test)]

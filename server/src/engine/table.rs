@@ -5,7 +5,7 @@
 //! knowledge is stale, recognises the echo of its own transactions, and removes everything it
 //! owns. It has no thread and no timer of its own: the engine decides when it runs.
 
-use kilo_egress_api::egress::Family;
+use kilo_egress_api::egress::{EgressAddrs, Family};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -315,6 +315,27 @@ impl NatTable {
             }
         }
         tidied
+    }
+
+    /// The pair that the rules of ours in the kernel program: per managed family the address of
+    /// our one well-formed SNAT rule, else none (MASQUERADE). For recovering from a lost state.
+    pub fn adopt(&self) -> EgressAddrs {
+        let mut addrs = EgressAddrs::NONE;
+        for family in self.families.managed() {
+            let Ok(Some(chain)) = self.netfilter.read_chain(family, KILO_NAT) else {
+                continue;
+            };
+            let ours: Vec<&ObservedRule> = chain.iter().filter(|r| r.rule.is_owned()).collect();
+            let [only] = ours.as_slice() else {
+                continue;
+            };
+            match only.rule.owned_snat_source() {
+                Some(IpAddr::V4(addr)) if family == Family::Ipv4 => addrs.ipv4 = Some(addr),
+                Some(IpAddr::V6(addr)) if family == Family::Ipv6 => addrs.ipv6 = Some(addr),
+                _ => {}
+            }
+        }
+        addrs
     }
 
     /// Removes rules of ours that an earlier configuration or mode left in families the table

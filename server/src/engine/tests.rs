@@ -19,9 +19,7 @@ fn own_mode() -> ModeConfig {
 
 fn start(fake: &Arc<FakeNetfilter>, dir: &std::path::Path) -> EngineHandle {
     let config = EngineConfig::quiet(own_mode());
-    Engine::start(config, fake.clone(), StateStore::new(dir))
-        .unwrap()
-        .0
+    Engine::start(config, fake.clone(), StateStore::new(dir)).0
 }
 
 fn set(entries: &[&str]) -> SetRequest {
@@ -49,11 +47,12 @@ async fn set_programs_snat_and_persists() {
     let fake = Arc::new(FakeNetfilter::new());
     let dir = tempfile::tempdir().unwrap();
     let handle = start(&fake, dir.path());
+    let g0 = handle.status().await.unwrap().generation;
     let outcome = handle
         .set(set(&["2001:db8::20", "198.51.100.20"]))
         .await
         .unwrap();
-    assert_eq!(outcome.generation, 1);
+    assert_eq!(outcome.generation, g0 + 1);
     assert!(fake.chain(Family::Ipv4, KILO_NAT).unwrap()[0].ends_with("--to-source 198.51.100.20"));
     assert!(fake.chain(Family::Ipv6, KILO_NAT).unwrap()[0].ends_with("--to-source 2001:db8::20"));
     assert!(
@@ -65,7 +64,7 @@ async fn set_programs_snat_and_persists() {
     let fresh = Arc::new(FakeNetfilter::new());
     let again = start(&fresh, dir.path());
     let status = again.status().await.unwrap();
-    assert_eq!(status.generation, 1);
+    assert_eq!(status.generation, g0 + 1);
     assert!(fresh.chain(Family::Ipv4, KILO_NAT).unwrap()[0].contains("198.51.100.20"));
 }
 
@@ -74,18 +73,19 @@ async fn stale_generation_is_refused_and_changes_nothing() {
     let fake = Arc::new(FakeNetfilter::new());
     let dir = tempfile::tempdir().unwrap();
     let handle = start(&fake, dir.path());
+    let g0 = handle.status().await.unwrap().generation;
     handle.set(set(&["198.51.100.20"])).await.unwrap();
     handle.status().await.unwrap(); // the shadowed rule is gone
     let before = fake.chain(Family::Ipv4, KILO_NAT);
     let mut stale = set(&["198.51.100.99"]);
-    stale.expected_generation = Some(0);
+    stale.expected_generation = Some(g0);
     let err = handle.set(stale).await.unwrap_err();
     assert!(matches!(
         err,
         EngineError::StaleGeneration {
-            expected: 0,
-            current: 1
-        }
+            expected,
+            current
+        } if expected == g0 && current == g0 + 1
     ));
     assert_eq!(fake.chain(Family::Ipv4, KILO_NAT), before);
 }
@@ -95,6 +95,7 @@ async fn dry_run_changes_nothing() {
     let fake = Arc::new(FakeNetfilter::new());
     let dir = tempfile::tempdir().unwrap();
     let handle = start(&fake, dir.path());
+    let g0 = handle.status().await.unwrap().generation;
     let transactions = fake.transactions();
     let mut dry = set(&["198.51.100.20"]);
     dry.dry_run = true;
@@ -112,7 +113,7 @@ async fn dry_run_changes_nothing() {
         "{shown:?}"
     );
     assert_eq!(fake.transactions(), transactions);
-    assert_eq!(handle.status().await.unwrap().generation, 0);
+    assert_eq!(handle.status().await.unwrap().generation, g0);
 }
 
 #[tokio::test]
@@ -120,6 +121,7 @@ async fn concurrent_sets_are_coalesced() {
     let fake = Arc::new(FakeNetfilter::new());
     let dir = tempfile::tempdir().unwrap();
     let handle = start(&fake, dir.path());
+    let g0 = handle.status().await.unwrap().generation;
     let before = fake.transactions();
     let calls: Vec<_> = (1..=50)
         .map(|i| {
@@ -132,7 +134,7 @@ async fn concurrent_sets_are_coalesced() {
     }
     let used = fake.transactions() - before;
     assert!(used < 50, "50 calls cost {used} transactions");
-    assert_eq!(handle.status().await.unwrap().generation, 50);
+    assert_eq!(handle.status().await.unwrap().generation, g0 + 50);
 }
 
 #[tokio::test]
@@ -143,9 +145,7 @@ async fn drift_is_repaired_at_resync() {
         resync_interval: Duration::from_millis(20),
         ..EngineConfig::quiet(own_mode())
     };
-    let handle = Engine::start(config, fake.clone(), StateStore::new(dir.path()))
-        .unwrap()
-        .0;
+    let handle = Engine::start(config, fake.clone(), StateStore::new(dir.path())).0;
     handle.set(set(&["198.51.100.20"])).await.unwrap();
     handle.status().await.unwrap(); // the shadowed rule is gone
     let good = fake.chain(Family::Ipv4, KILO_NAT);
@@ -164,7 +164,7 @@ async fn failed_apply_rolls_back_state_and_the_family_that_succeeded() {
     let fake = Arc::new(FakeNetfilter::new());
     let dir = tempfile::tempdir().unwrap();
     let handle = start(&fake, dir.path());
-    handle
+    let first = handle
         .set(set(&["198.51.100.20", "2001:db8::20"]))
         .await
         .unwrap();
@@ -184,7 +184,7 @@ async fn failed_apply_rolls_back_state_and_the_family_that_succeeded() {
     assert!(matches!(err, EngineError::Apply(_)), "{err}");
     handle.status().await.unwrap(); // the rollback has settled
     assert_eq!(std::fs::read(dir.path().join("state.json")).unwrap(), saved);
-    assert_eq!(handle.status().await.unwrap().generation, 1);
+    assert_eq!(handle.status().await.unwrap().generation, first.generation);
     assert_eq!(
         fake.chain(Family::Ipv4, KILO_NAT),
         ipv4_before,
@@ -208,9 +208,7 @@ async fn rules_of_an_excluded_family_are_removed_at_start() {
         families: vec![Family::Ipv4],
         ..EngineConfig::quiet(own_mode())
     };
-    let handle = Engine::start(config, fake.clone(), StateStore::new(dir.path()))
-        .unwrap()
-        .0;
+    let handle = Engine::start(config, fake.clone(), StateStore::new(dir.path())).0;
     assert_eq!(fake.chain(Family::Ipv6, KILO_NAT), Some(vec![]));
     assert!(fake.chain(Family::Ipv6, POSTROUTING).unwrap().is_empty());
     assert!(fake.chain(Family::Ipv4, KILO_NAT).unwrap()[0].contains("198.51.100.20"));
@@ -237,9 +235,7 @@ fn start_notified_with_debounce(
         notification_debounce: debounce,
         ..EngineConfig::quiet(own_mode())
     };
-    Engine::start(config, fake.clone(), StateStore::new(dir))
-        .unwrap()
-        .0
+    Engine::start(config, fake.clone(), StateStore::new(dir)).0
 }
 
 async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
@@ -471,5 +467,27 @@ async fn a_failed_repair_is_retried_until_the_cause_clears() {
     assert!(
         status.in_sync && status.last_write_failure.is_none(),
         "{status:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_corrupt_state_file_adopts_the_pair_our_rules_program() {
+    let fake = Arc::new(FakeNetfilter::new());
+    let dir = tempfile::tempdir().unwrap();
+    let handle = start(&fake, dir.path());
+    let before = handle.set(set(&["198.51.100.20"])).await.unwrap();
+    handle.status().await.unwrap();
+    let rules = fake.chain(Family::Ipv4, KILO_NAT);
+    std::fs::write(dir.path().join("state.json"), b"garbage").unwrap();
+    let again = start(&fake, dir.path());
+    let status = again.status().await.unwrap();
+    assert_eq!(status.addrs.ipv4, Some("198.51.100.20".parse().unwrap()));
+    assert_eq!(status.addrs.ipv6, None);
+    assert!(status.generation > before.generation, "{status:?}");
+    assert_eq!(fake.chain(Family::Ipv4, KILO_NAT), rules, "the SNAT stays");
+    let stored = std::fs::read_to_string(dir.path().join("state.json")).unwrap();
+    assert!(
+        stored.contains("198.51.100.20"),
+        "a fresh state file: {stored}"
     );
 }

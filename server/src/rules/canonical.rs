@@ -64,6 +64,16 @@ impl Rule {
         args[start..].split_whitespace().next().map(str::to_string)
     }
 
+    /// The address an SNAT rule of ours writes (`-j SNAT --to-source ADDR`, exactly as
+    /// [`snat_rule`] renders it), or `None` for any other rule, including a malformed one.
+    pub fn owned_snat_source(&self) -> Option<IpAddr> {
+        if !self.is_owned() || self.target().as_deref() != Some("SNAT") {
+            return None;
+        }
+        let addr: IpAddr = self.args.rsplit_once(" --to-source ")?.1.parse().ok()?;
+        (*self == snat_rule(addr)).then_some(addr)
+    }
+
     /// True when the service wrote this rule (its comment carries the owned prefix).
     pub fn is_owned(&self) -> bool {
         // Most rules of a busy chain are not ours: skip tokenizing them.
@@ -274,6 +284,22 @@ mod tests {
                 .position(|t| t == "-j")
                 .and_then(|i| tokens.get(i + 1));
             assert_eq!(rule.target().as_ref(), slow, "{args}: same as tokenizing");
+        }
+    }
+
+    #[test]
+    fn only_our_well_formed_snat_rules_name_a_source() {
+        let ours = snat_rule("198.51.100.20".parse().unwrap());
+        assert_eq!(ours.owned_snat_source(), "198.51.100.20".parse().ok());
+        let v6 = snat_rule("2001:db8::20".parse().unwrap());
+        assert_eq!(v6.owned_snat_source(), "2001:db8::20".parse().ok());
+        for other in [
+            "-A KILO-NAT -j SNAT --to-source 192.0.2.1",
+            r#"-A KILO-NAT -m comment --comment "kilo-egress: SNAT to the chosen egress address" -j SNAT --to-source 192.0.2.1:1024"#,
+            r#"-A KILO-NAT -m comment --comment "kilo-egress: SNAT to the chosen egress address" -j SNAT --to-source 192.0.2.1-192.0.2.9"#,
+            r#"-A KILO-NAT -m comment --comment "kilo-egress: no egress address chosen, MASQUERADE" -j MASQUERADE"#,
+        ] {
+            assert_eq!(rule(other).owned_snat_source(), None, "{other}");
         }
     }
 
