@@ -42,12 +42,19 @@ pub struct SecurityArgs {
     /// The group that owns the unix socket (mode 0660): its members may call the API.
     #[arg(long, env = "KILO_EGRESS_SOCKET_GROUP", value_name = "GROUP")]
     socket_group: Option<String>,
-    /// SetEgress calls in flight on one connection; more fail with RESOURCE_EXHAUSTED.
-    #[arg(long, default_value_t = WriteLimits::default().per_connection, value_name = "N")]
+    /// SetEgress calls in flight on one connection; more wait their turn.
+    #[arg(long, default_value_t = WriteLimits::default().per_connection, value_name = "N", value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     max_writes_per_connection: usize,
-    /// SetEgress calls in flight for one identity; more fail with RESOURCE_EXHAUSTED.
-    #[arg(long, default_value_t = WriteLimits::default().per_identity, value_name = "N")]
+    /// SetEgress calls in flight for one identity; more wait their turn.
+    #[arg(long, default_value_t = WriteLimits::default().per_identity, value_name = "N", value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     max_writes_per_identity: usize,
+    /// SetEgress calls that may wait for one connection's or identity's turn; more fail with
+    /// RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = WriteLimits::default().max_queued, value_name = "N")]
+    max_queued_writes: usize,
+    /// The longest a SetEgress call waits for its turn before it fails with RESOURCE_EXHAUSTED.
+    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    max_write_wait: std::time::Duration,
 }
 
 impl SecurityArgs {
@@ -98,6 +105,8 @@ impl SecurityArgs {
             write_limits: WriteLimits {
                 per_connection: self.max_writes_per_connection,
                 per_identity: self.max_writes_per_identity,
+                max_queued: self.max_queued_writes,
+                max_wait: self.max_write_wait,
             },
             socket_group,
         })

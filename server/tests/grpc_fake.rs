@@ -394,3 +394,28 @@ async fn serves_plaintext_grpc_on_loopback_tcp() {
     assert!(v4[0].ends_with("--to-source 198.51.100.20"), "{v4:?}");
     assert_eq!(client.health().await.unwrap(), ServingStatus::Serving);
 }
+
+/// 20 local clients of one identity (uid 0) writing as fast as they can: with the default limits
+/// every call waits its turn and succeeds; none is refused.
+#[tokio::test]
+async fn a_burst_from_one_identity_waits_its_turn_and_every_call_succeeds() {
+    let run = start().await;
+    let socket = run.dir.path().join("api.sock");
+    let clients: Vec<_> = (0..20u32)
+        .map(|c| {
+            let addr = ServerAddr::Unix(socket.clone());
+            tokio::spawn(async move {
+                let mut client = EgressClient::connect(&addr, Duration::from_secs(5))
+                    .await
+                    .unwrap();
+                for i in 0..25u32 {
+                    let addr = format!("198.51.100.{}", (c * 25 + i) % 200 + 1);
+                    client.set_egress(vec![addr], false, None).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for client in clients {
+        client.await.unwrap();
+    }
+}

@@ -414,7 +414,8 @@ impl Netfilter for Gated {
 }
 
 #[tokio::test]
-async fn a_writer_over_its_limit_is_refused_at_once_while_another_writer_goes_through() {
+async fn a_writer_over_its_limit_without_a_queue_is_refused_at_once_while_another_writer_goes_through()
+ {
     let fake = Arc::new(FakeNetfilter::new());
     let gated = Arc::new(Gated {
         fake: fake.clone(),
@@ -425,6 +426,8 @@ async fn a_writer_over_its_limit_is_refused_at_once_while_another_writer_goes_th
     let limits = WriteLimits {
         per_connection: 1,
         per_identity: 1,
+        max_queued: 0,
+        ..WriteLimits::default()
     };
     let tls = start_with(gated.clone(), fake, limits).await;
     let writer = tls.pki.client("writer", WRITER);
