@@ -12,7 +12,8 @@ use tracing::{error, info};
 
 use super::error::FamilyError;
 
-/// A write the kernel refused, kept until a later write succeeds.
+/// A write that failed (to the kernel, or to the state file), kept until a later write of the
+/// same kind succeeds.
 #[derive(Debug, Clone)]
 pub struct WriteFailure {
     /// What was being written, e.g. `SetEgress ipv4=198.51.100.20 ipv6=MASQUERADE` or
@@ -21,7 +22,9 @@ pub struct WriteFailure {
     /// When it failed.
     pub at: SystemTime,
     /// Why.
-    pub error: Arc<FamilyError>,
+    pub error: String,
+    /// The family the kernel refused, or `None` for the state file.
+    pub family: Option<Family>,
 }
 
 /// The outcome of the engine's applies, as operators see it.
@@ -63,7 +66,7 @@ impl ApplyHealth {
         if self
             .last_write_failure
             .as_ref()
-            .is_some_and(|f| written.contains(&f.error.family))
+            .is_some_and(|f| f.family.is_some_and(|family| written.contains(&family)))
         {
             let previous = self.last_write_failure.take().expect("checked above");
             info!(what = %previous.what, error = %previous.error, "writes succeed again");
@@ -87,8 +90,27 @@ impl ApplyHealth {
         self.last_write_failure = Some(WriteFailure {
             what,
             at: SystemTime::now(),
-            error,
+            error: error.to_string(),
+            family: Some(error.family),
         });
+    }
+
+    /// The state file could not be written; nothing was changed.
+    pub fn save_failed(&mut self, what: String, error: &dyn std::fmt::Display) {
+        self.last_write_failure = Some(WriteFailure {
+            what,
+            at: SystemTime::now(),
+            error: format!("saving the state failed: {error}"),
+            family: None,
+        });
+    }
+
+    /// The state file was written: a failure to write it is over.
+    pub fn saved(&mut self) {
+        if self.last_write_failure.as_ref().is_some_and(|f| f.family.is_none()) {
+            let previous = self.last_write_failure.take().expect("checked above");
+            info!(what = %previous.what, error = %previous.error, "the state file is written again");
+        }
     }
 
     /// Whether the accepted rules are known not to be in the kernel.

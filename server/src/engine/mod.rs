@@ -30,7 +30,7 @@ pub use table::cleanup;
 use crate::netfilter::Netfilter;
 use crate::nftwatch::KernelEvent;
 use crate::rules::ModeConfig;
-use crate::state::{Loaded, StateStore, StoredState};
+use crate::state::{Loaded, StateError, StateStore, StoredState};
 use families::ManagedFamilies;
 use health::ApplyHealth;
 use table::{Freshness, NatTable, Reconciled};
@@ -161,7 +161,7 @@ impl Engine {
     ) -> (EngineHandle, std::thread::JoinHandle<()>) {
         let families = ManagedFamilies::new(&config.families, &config.mode);
         let table = NatTable::new(config.mode, families, netfilter);
-        let state = load_state(&store, &table);
+        let (state, unsaved) = load_state(&store, &table);
         let (commands, inbox) = mpsc::channel();
         // Subscribe before the first read, so no change between that read and the
         // subscription goes unseen.
@@ -203,6 +203,11 @@ impl Engine {
             backend_reason: config.backend_reason,
             notification_debounce: config.notification_debounce,
         };
+        if let Some(e) = unsaved {
+            engine
+                .health
+                .save_failed(format!("writing a new state file for {}", state.addrs), &e);
+        }
         engine.table.remove_leftovers();
         engine.resync(Trigger::Start);
         engine.timers.checked();
@@ -332,20 +337,22 @@ impl Engine {
             .map(|(r, _, _)| r.requester.as_str())
             .collect();
         let requesters = requesters.join(", ");
-        if new != old
-            && let Err(e) = self.store.save(&new)
-        {
-            error!(error = %e, "cannot save the state; the change is refused");
-            let error = EngineError::from(e);
-            for (_, _, reply) in requests {
-                let _ = reply.send(Err(error.clone()));
-            }
-            return;
-        }
         let what = format!(
             "SetEgress {} (generation {}) by {requesters}",
             new.addrs, new.generation
         );
+        if new != old {
+            if let Err(e) = self.store.save(&new) {
+                error!(error = %e, "cannot save the state; the change is refused");
+                self.health.save_failed(what, &e);
+                let error = EngineError::from(e);
+                for (_, _, reply) in requests {
+                    let _ = reply.send(Err(error.clone()));
+                }
+                return;
+            }
+            self.health.saved();
+        }
         match self.apply(&new.addrs, Freshness::Known) {
             Ok(results) => {
                 self.publish(new);
@@ -597,7 +604,7 @@ impl Engine {
                 .map(|f| report::WriteFailureReport {
                     what: f.what.clone(),
                     at: f.at,
-                    error: f.error.to_string(),
+                    error: f.error.clone(),
                 });
         let last_error = last_write_failure.as_ref().map(|f| f.error.clone());
         StatusReport {
@@ -623,11 +630,12 @@ impl Engine {
 /// file (moved aside) the service adopts the pair that the rules of ours in the kernel program,
 /// when they are well-formed, else MASQUERADE. Either way a new state at a new epoch is written
 /// at once, so no earlier writer's generation can match it.
-fn load_state(store: &StateStore, table: &NatTable) -> StoredState {
+/// Also returns why the new state file could not be written, if it could not.
+fn load_state(store: &StateStore, table: &NatTable) -> (StoredState, Option<StateError>) {
     let state = match store.load() {
         Ok(Loaded::State(state)) => {
             info!(egress = %state.addrs, generation = state.generation, "loaded stored state");
-            return state;
+            return (state, None);
         }
         Ok(Loaded::Fresh) => {
             let state = StoredState::new(EgressAddrs::NONE);
@@ -652,13 +660,16 @@ fn load_state(store: &StateStore, table: &NatTable) -> StoredState {
                 adopted = %state.addrs,
                 "STORED STATE IS UNUSABLE and cannot be moved aside: keeping the pair the rules of ours in the kernel program; fix the state directory"
             );
-            return state;
+            return (state, Some(e));
         }
     };
-    if let Err(e) = store.save(&state) {
-        error!(error = %e, "cannot write the new state file; a SetEgress will fail until the state directory is writable");
+    match store.save(&state) {
+        Ok(()) => (state, None),
+        Err(e) => {
+            error!(error = %e, "cannot write the new state file; a SetEgress will fail until the state directory is writable");
+            (state, Some(e))
+        }
     }
-    state
 }
 
 #[cfg(test)]
