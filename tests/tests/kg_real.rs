@@ -16,7 +16,8 @@
 //!   every kg RETURN, directly before MASQUERADE;
 //! * a minute (`KILO_EGRESS_FIGHT_SECONDS`) of kg resyncing every 3 s: nobody writes;
 //! * `kilo-egress watch` on top: the annotation reaches upstream;
-//! * 20 kg starts watched closely: our SNAT never appears above a kg RETURN.
+//! * 20 kg starts (`KILO_EGRESS_KG_STARTS`) watched closely (a tight `iptables -S` loop, and
+//!   `xtables-monitor` on nft): our SNAT never appears above a kg RETURN.
 
 use kilo_egress_tests::daemon::Daemon;
 use kilo_egress_tests::kube::{
@@ -172,6 +173,16 @@ fn set_puts_snat_before_kgs_masquerade_and_clear_gives_kgs_rules_back(
     assert!(
         postrouting.lines().any(|l| l == n.kg.jump_rule()),
         "kg jumps to KILO-NAT for the pod CIDR:\n{postrouting}{}",
+        n.context()
+    );
+    // kg jumps only for the Node's spec.podCIDR: the other family has the chain and its
+    // MASQUERADE, but no jump, so none of its pod traffic is NATed by Kilo.
+    assert!(
+        !n.must(other.iptables_s("POSTROUTING"))
+            .contains("-j KILO-NAT"),
+        "kg writes no {} jump for a Node whose pod CIDR is {}{}",
+        family.other().name(),
+        family.name(),
         n.context()
     );
     let kg_rules = n.kg.must(n.kg.kg_rules(family));
@@ -698,6 +709,7 @@ struct StartRecord {
     transactions: u64,
 }
 
+/// How many kg starts the race test watches; `KILO_EGRESS_KG_STARTS` overrides the 20.
 fn kg_starts() -> usize {
     std::env::var("KILO_EGRESS_KG_STARTS")
         .ok()
