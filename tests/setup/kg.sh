@@ -42,6 +42,16 @@ kg_setup() {
         command -v "$tool" >/dev/null 2>&1 || die "$tool is still missing after apt-get install ${needs[$tool]}"
     done
 
+    # wireguard-go control sockets left by killed test runs (tests/src/realkg.rs names interfaces
+    # kgw<pid of the test>x<n>); their namespaces are removed by remove_stale_namespaces.
+    local sock pid
+    for sock in /var/run/wireguard/kgw*x*.sock; do
+        [[ -e $sock ]] || continue
+        pid=${sock##*/kgw}
+        pid=${pid%%x*}
+        kill -0 "$pid" 2>/dev/null || { rm -f "$sock" && echo "removed stale $sock"; }
+    done
+
     local target=${CARGO_TARGET_DIR:-$PWD/target}
     local sha
     sha=$(sha256sum "$tarball" | cut -d' ' -f1)
