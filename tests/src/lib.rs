@@ -19,6 +19,8 @@
 //!
 //! * [`kube::ApiServer`] and [`kube::Watcher`] run a Kubernetes API emulator and `kilo-egress watch`
 //!   beside the daemon.
+//! * [`RealKg`] runs the real Kilo agent (kg, built by `tests/setup/kg.sh`) against that emulator
+//!   in the node namespace, for kilo mode against the real thing.
 //!
 //! Tests need root; [`require_root`] skips them loudly (or fails them when `CI=true`).
 
@@ -31,6 +33,7 @@ pub mod kg;
 pub mod kube;
 pub mod lab;
 pub mod pki;
+pub mod realkg;
 pub mod remote;
 
 pub use busy::BusyNode;
@@ -38,6 +41,7 @@ pub use cmd::Captured;
 pub use daemon::{Daemon, DaemonConfig, Mode, RulesView};
 pub use kg::KgAgent;
 pub use lab::{Backend, Family, Iptables, Lab};
+pub use realkg::{KgConfig, RealKg};
 
 use std::io::Write;
 use std::path::PathBuf;
