@@ -107,7 +107,11 @@ impl ApplyHealth {
 
     /// The state file was written: a failure to write it is over.
     pub fn saved(&mut self) {
-        if self.last_write_failure.as_ref().is_some_and(|f| f.family.is_none()) {
+        if self
+            .last_write_failure
+            .as_ref()
+            .is_some_and(|f| f.family.is_none())
+        {
             let previous = self.last_write_failure.take().expect("checked above");
             info!(what = %previous.what, error = %previous.error, "the state file is written again");
         }
