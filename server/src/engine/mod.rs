@@ -597,7 +597,10 @@ impl Engine {
     }
 
     fn status_report(&self) -> StatusReport {
-        let families = self.read_reports(&self.state.addrs, report::read_back);
+        let mode = self.table.mode();
+        let families = self.read_reports(&self.state.addrs, |family, addr, read| {
+            report::read_back(mode, family, addr, read)
+        });
         let last_write_failure =
             self.health
                 .last_write_failure()

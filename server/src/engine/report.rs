@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use std::time::SystemTime;
 
 use super::table::{ReadBack, Reconciled};
-use crate::rules::{self, Desired, ModeConfig, ObservedRule, Rule};
+use crate::rules::{self, Desired, KILO_NAT, ModeConfig, ObservedRule, POSTROUTING, Rule};
 
 /// One rule as reported to clients.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -138,7 +138,17 @@ pub fn settled(
 }
 
 /// The report of a family in a GetRules reply: the rules read back, with counters.
-pub fn read_back(family: Family, addr: Option<IpAddr>, read: ReadBack) -> FamilyReport {
+pub fn read_back(
+    mode: &ModeConfig,
+    family: Family,
+    addr: Option<IpAddr>,
+    read: ReadBack,
+) -> FamilyReport {
+    let waiting = read
+        .desired
+        .waiting
+        .clone()
+        .or_else(|| unreached(mode, family, &read));
     let rules: Vec<ReportedRule> = read
         .postrouting
         .into_iter()
@@ -149,7 +159,23 @@ pub fn read_back(family: Family, addr: Option<IpAddr>, read: ReadBack) -> Family
             observed,
         })
         .collect();
-    family_report(family, addr, rules, &read.drift, read.desired.waiting)
+    family_report(family, addr, rules, &read.drift, waiting)
+}
+
+/// Kilo mode: when nothing in POSTROUTING jumps to KILO-NAT, no pod traffic of the family passes
+/// the chain, whatever it holds. Kilo's agent writes the jump only for the family of the node's
+/// pod CIDR, so on a single-stack node an address of the other family has no effect; say so
+/// rather than report "SNAT to X".
+fn unreached(mode: &ModeConfig, family: Family, read: &ReadBack) -> Option<String> {
+    let jumps = read
+        .postrouting
+        .iter()
+        .any(|r| r.rule.target().as_deref() == Some(KILO_NAT));
+    (!mode.owns_chain() && read.chain.is_some() && !jumps).then(|| {
+        format!(
+            "no rule in {POSTROUTING} jumps to {KILO_NAT} ({family}): Kilo's agent NATs no {family} pod traffic on this node (it writes the jump only for the family of the node's pod CIDR), so the {family} egress choice has no effect"
+        )
+    })
 }
 
 /// The report of a family in a dry run: the rules the request would program there.
@@ -231,6 +257,48 @@ fn desired_rules(desired: &Desired) -> Vec<Rule> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn kg_read(postrouting: &[&str]) -> ReadBack {
+        let listing = |lines: &[&str]| rules::parse_listing(&lines.join("\n"));
+        let chain = listing(&[
+            r#"-A KILO-NAT -m comment --comment "kilo-egress: SNAT to the chosen egress address" -j SNAT --to-source 2001:db8::20"#,
+            r#"-A KILO-NAT -m comment --comment "Kilo: NAT remaining packets" -j MASQUERADE"#,
+        ]);
+        let observed = rules::Observed {
+            kilo_nat: Some(chain.iter().map(|r| r.rule.clone()).collect()),
+            postrouting: vec![],
+        };
+        let addr = "2001:db8::20".parse().ok();
+        let desired = rules::desired(&ModeConfig::Kilo, Family::Ipv6, addr, &observed);
+        ReadBack {
+            chain: Some(chain),
+            postrouting: listing(postrouting),
+            desired,
+            drift: vec![],
+        }
+    }
+
+    #[test]
+    fn kilo_mode_says_when_nothing_jumps_to_the_chain() {
+        let addr = "2001:db8::20".parse().ok();
+        let unreached = read_back(&ModeConfig::Kilo, Family::Ipv6, addr, kg_read(&[]));
+        assert!(!unreached.in_sync);
+        assert!(
+            unreached.status.contains("no IPv6 pod traffic"),
+            "{}",
+            unreached.status
+        );
+        let jumped = read_back(
+            &ModeConfig::Kilo,
+            Family::Ipv6,
+            addr,
+            kg_read(&[
+                r#"-A POSTROUTING -s fd00:44::/64 -m comment --comment "Kilo: jump to KILO-NAT chain" -j KILO-NAT"#,
+            ]),
+        );
+        assert!(jumped.in_sync);
+        assert_eq!(jumped.status, "SNAT to 2001:db8::20");
+    }
 
     #[test]
     fn status_names_drift_first_then_waiting_then_the_decision() {
