@@ -199,6 +199,16 @@ fn set_puts_snat_before_kgs_masquerade_and_clear_gives_kgs_rules_back(
         n.context()
     );
 
+    // An address of the other family lands in its chain, but nothing jumps there: GetRules
+    // says that it has no effect instead of "SNAT to ...".
+    n.must(n.d.cli_ok(&["set", family.preferred(), family.other().preferred()]));
+    let view = n.must(n.d.get_rules());
+    assert!(
+        view.status(family.other()).contains("jumps to KILO-NAT") && !view.in_sync(),
+        "the other family's choice is reported as without effect: {:#}",
+        view.raw
+    );
+
     n.must(n.d.cli_ok(&["clear"]));
     assert_eq!(
         n.must(ipt.iptables_s("KILO-NAT")),
