@@ -218,6 +218,18 @@ pub enum NetfilterError {
     },
 }
 
+impl NetfilterError {
+    /// Whether the tool gave up waiting for the xtables lock (legacy; another program holds
+    /// it): the kernel was not asked, so reading again will not help for a while.
+    pub fn is_lock_timeout(&self) -> bool {
+        let stderr = match self {
+            NetfilterError::List { stderr, .. } | NetfilterError::Restore { stderr, .. } => stderr,
+            NetfilterError::Spawn { .. } => return false,
+        };
+        stderr.contains("holding the xtables lock")
+    }
+}
+
 /// Reads chains of, and applies transactions to, the nat table of one network namespace.
 pub trait Netfilter: Send + Sync {
     /// Lists one nat chain with counters; `Ok(None)` when the chain does not exist.
@@ -422,6 +434,23 @@ pub fn failing_line_context(stderr: &str, input: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lock_timeout_is_recognised() {
+        let held = NetfilterError::Restore {
+            command: "iptables-legacy-restore".into(),
+            stderr: "Another app is currently holding the xtables lock. Stopped waiting after 10s."
+                .into(),
+            context: String::new(),
+        };
+        assert!(held.is_lock_timeout());
+        let refused = NetfilterError::Restore {
+            command: "iptables-legacy-restore".into(),
+            stderr: "iptables-restore: line 2 failed".into(),
+            context: String::new(),
+        };
+        assert!(!refused.is_lock_timeout());
+    }
 
     #[test]
     fn failing_line_context_marks_the_line() {

@@ -92,7 +92,7 @@ pub fn netns_command<S: AsRef<OsStr>>(ns: &str, program: impl AsRef<OsStr>, args
 }
 
 /// Sends `signal` (`TERM`, `KILL`, ...) to the process `pid`, one this crate started.
-pub(crate) fn kill_pid(pid: u32, signal: &str) {
+pub fn kill_pid(pid: u32, signal: &str) {
     let _ = Command::new("kill")
         .args([format!("-{signal}"), pid.to_string()])
         .stdout(Stdio::null())

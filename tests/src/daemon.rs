@@ -47,6 +47,8 @@ pub struct DaemonConfig {
     pub args: Vec<String>,
     /// Environment variables set for the process, e.g. a `PATH` with wrapped iptables tools.
     pub env: Vec<(String, String)>,
+    /// `--state-dir`, instead of a fresh directory of the lab's.
+    pub state_dir: Option<PathBuf>,
 }
 
 impl DaemonConfig {
@@ -63,6 +65,7 @@ impl DaemonConfig {
             auto_backend: false,
             args,
             env: Vec::new(),
+            state_dir: None,
         }
     }
 
@@ -74,6 +77,7 @@ impl DaemonConfig {
             auto_backend: false,
             args: Vec::new(),
             env: Vec::new(),
+            state_dir: None,
         }
     }
 
@@ -107,11 +111,15 @@ impl<'lab> Daemon<'lab> {
     pub fn start(lab: &'lab Lab, config: DaemonConfig) -> anyhow::Result<Self> {
         let dir = lab.dir().join(format!("daemon-{}", lab.next_daemon_id()));
         std::fs::create_dir_all(&dir)?;
+        let state_dir = config
+            .state_dir
+            .clone()
+            .unwrap_or_else(|| dir.join("state"));
         let mut daemon = Daemon {
             lab,
             config,
             socket: dir.join("kilo-egressd.sock"),
-            state_dir: dir.join("state"),
+            state_dir,
             log: dir.join("kilo-egressd.log"),
             child: None,
             starts: 0,

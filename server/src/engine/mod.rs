@@ -409,10 +409,12 @@ impl Engine {
                 self.publish(old);
                 let failure = Arc::new(failure);
                 self.health.write_refused(what, failure.clone());
-                self.resync(Trigger::Rollback);
+                // Answer before re-asserting the previous rules: that can wait for the xtables
+                // lock again, and any later call is handled after it anyway.
                 for (_, _, reply) in requests {
                     let _ = reply.send(Err(EngineError::Apply(failure.clone())));
                 }
+                self.resync(Trigger::Rollback);
             }
         }
     }

@@ -260,7 +260,9 @@ impl NatTable {
             if let Some(commit) = &plan.commit {
                 match self.restore(family, commit) {
                     Ok(()) => rules_touched = commit.rule_count(),
-                    Err(e) if freshness == Freshness::Known => {
+                    // A held xtables lock is no sign of a changed chain: reading again would
+                    // only wait for the lock twice more.
+                    Err(e) if freshness == Freshness::Known && !e.is_lock_timeout() => {
                         debug!(%family, error = %e, "the kernel changed under known rules; reading them again");
                         freshness = Freshness::Read;
                         continue;

@@ -122,6 +122,7 @@ pub fn own_config(backend: Backend, rules: usize, detection: Detection) -> Daemo
             "30s".into(),
         ],
         env: Vec::new(),
+        state_dir: None,
     };
     for chunk in no_nat_cidrs(rules).chunks(1000) {
         config = config.arg("--no-nat-cidr").arg(chunk.join(","));
