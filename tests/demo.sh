@@ -446,7 +446,7 @@ check_placed() {
     fi
 }
 
-kg_status() { cli get 2>&1 | grep -q "waiting for Kilo's agent"; }
+waits_for_kg() { cli get 2>&1 | grep -q "waiting for Kilo's agent"; }
 
 kilo_prepare() {
     mkdir -p "$KG_DIR/bin" "$KG_DIR/var-lib"
@@ -538,10 +538,18 @@ $(cat "$KILO_LOG")"
     show_cmd "kill -TERM <kg>"
     kg_stop
     show_kilo_chain
-    wait_for 10 kg_status || true
+    wait_for 10 waits_for_kg || true
     show_cmd "kilo-egress get | grep IPv4"
     { cli get 2>&1 | grep IPv4 || true; } | sed 's/^/    /'
     say "kilo-egressd keeps the chosen address and writes nothing while kg's chain is gone: it never stands in for kg."
+    say "${B}What an upstream server sees when the pod connects to it:${OFF}"
+    local seen
+    if seen=$(in_ns "$POD" "$BIN/egress-probe" connect 203.0.113.1 "$PORT" --timeout-ms 1000 2>&1); then
+        say "  ${RED}IPv4 pod 10.44.0.2  -> 203.0.113.1    upstream sees source $seen, expected no answer: WRONG${OFF}"
+        FAILURES=$((FAILURES + 1))
+    else
+        say "  ${GREEN}IPv4 pod 10.44.0.2  -> 203.0.113.1    no answer: nothing NATs the pod while kg is gone    OK${OFF}"
+    fi
     show_cmd "$kg_cmd"
     kg_start
     kg_wait_repair 198.51.100.20
