@@ -1,16 +1,20 @@
 //! The engine: the one thread that makes every iptables call. RPC handlers send it a
 //! [`Command`] through an [`EngineHandle`] and wait for the reply. Pending SetEgress commands
-//! are drained together, accepted as one batch ([`Engine::accept`]) and committed as one
-//! transaction per family ([`Engine::commit`]), shaped by [`crate::rules::plan`] so the new
+//! are drained together, accepted as one batch (`Engine::accept`) and committed as one
+//! transaction per family (`Engine::commit`), shaped by [`crate::rules::plan`] so the new
 //! decision goes in add-only and the rules it shadows are removed once no request waits.
 //!
-//! The rooms: [`table`] knows what the kernel holds and gets it right, [`timers`] says when to
-//! wake up, [`report`] builds what clients see, [`health`] tracks whether the rules are in
-//! place, [`families`] says which families are programmed, [`error`] types what goes wrong.
+//! The rooms: `batch` accepts and commits SetEgress requests, [`table`] knows what the kernel
+//! holds and gets it right, [`timers`] says when to wake up, [`report`] builds what clients see,
+//! [`health`] tracks whether the rules are in place and writes work, [`families`] says which
+//! families are programmed, `recovery` loads (or rebuilds) the stored state, [`error`] types
+//! what goes wrong.
 
+mod batch;
 pub mod error;
 pub mod families;
 pub mod health;
+mod recovery;
 pub mod report;
 pub mod table;
 pub mod timers;
@@ -21,7 +25,7 @@ use std::sync::Arc;
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, watch};
-use tracing::{debug, error, info, warn};
+use tracing::{debug, info, warn};
 
 pub use error::{EngineError, FamilyError, Trigger};
 pub use report::{FamilyReport, ReportedRule, SetOutcome, StatusReport};
@@ -30,7 +34,7 @@ pub use table::cleanup;
 use crate::netfilter::Netfilter;
 use crate::nftwatch::KernelEvent;
 use crate::rules::ModeConfig;
-use crate::state::{Loaded, StateError, StateStore, StoredState};
+use crate::state::{StateStore, StoredState};
 use families::ManagedFamilies;
 use health::ApplyHealth;
 use table::{Freshness, NatTable, Reconciled};
@@ -125,18 +129,6 @@ impl EngineHandle {
     }
 }
 
-/// A batch of SetEgress requests that passed their generation checks, with the state it leads
-/// to.
-struct Batch {
-    /// Each request, the state right after it, and where its answer goes.
-    requests: Vec<(SetRequest, StoredState, SetReply)>,
-    /// The state before the batch.
-    old: StoredState,
-    /// The state after the whole batch.
-    new: StoredState,
-    started: Instant,
-}
-
 /// The engine's state, owned by its thread: the request loop, the accepted state and its file.
 pub struct Engine {
     table: NatTable,
@@ -161,7 +153,7 @@ impl Engine {
     ) -> (EngineHandle, std::thread::JoinHandle<()>) {
         let families = ManagedFamilies::new(&config.families, &config.mode);
         let table = NatTable::new(config.mode, families, netfilter);
-        let (state, unsaved) = load_state(&store, &table);
+        let (state, unsaved) = recovery::load_state(&store, &table);
         let (commands, inbox) = mpsc::channel();
         // Subscribe before the first read, so no change between that read and the
         // subscription goes unseen.
@@ -287,142 +279,6 @@ impl Engine {
                 self.table.forget_all();
             }
         }
-    }
-
-    /// Step one of a SetEgress batch: checks `expected_generation` in arrival order, answers
-    /// dry runs, and returns the requests that change (or re-assert) the state, if any.
-    fn accept(&mut self, sets: Vec<(SetRequest, SetReply)>) -> Option<Batch> {
-        let started = Instant::now();
-        let old = self.state;
-        let mut running = old;
-        let mut requests = Vec::new();
-        for (request, reply) in sets {
-            if let Some(expected) = request.expected_generation
-                && expected != running.generation
-            {
-                let _ = reply.send(Err(EngineError::StaleGeneration {
-                    expected,
-                    current: running.generation,
-                }));
-                continue;
-            }
-            if request.dry_run {
-                let _ = reply.send(Ok(self.preview(&request, &running)));
-                continue;
-            }
-            if request.parsed.addrs != running.addrs {
-                running = running.changed_to(request.parsed.addrs);
-            }
-            requests.push((request, running, reply));
-        }
-        (!requests.is_empty()).then_some(Batch {
-            requests,
-            old,
-            new: running,
-            started,
-        })
-    }
-
-    /// Step two: persists the batch's state, programs it, and answers every request of it;
-    /// when the kernel refuses, the previous state is restored on disk and in the kernel.
-    fn commit(&mut self, batch: Batch) {
-        let Batch {
-            requests,
-            old,
-            new,
-            started,
-        } = batch;
-        let requesters: Vec<&str> = requests
-            .iter()
-            .map(|(r, _, _)| r.requester.as_str())
-            .collect();
-        let requesters = requesters.join(", ");
-        let what = format!(
-            "SetEgress {} (generation {}) by {requesters}",
-            new.addrs, new.generation
-        );
-        if new != old {
-            if let Err(e) = self.store.save(&new) {
-                error!(error = %e, "cannot save the state; the change is refused");
-                self.health.save_failed(what, &e);
-                let error = EngineError::from(e);
-                for (_, _, reply) in requests {
-                    let _ = reply.send(Err(error.clone()));
-                }
-                return;
-            }
-            self.health.saved();
-        }
-        match self.apply(&new.addrs, Freshness::Known) {
-            Ok(results) => {
-                self.publish(new);
-                let written = results
-                    .iter()
-                    .filter(|(_, a)| a.committed)
-                    .map(|(family, _)| *family)
-                    .collect();
-                self.health.reconciled(&written);
-                self.timers.apply_succeeded();
-                let rules_touched: usize = results.iter().map(|(_, a)| a.rules_touched).sum();
-                if new != old {
-                    info!(
-                        requester = %requesters,
-                        old = %old.addrs,
-                        new = %new.addrs,
-                        generation = new.generation,
-                        coalesced_requests = requests.len(),
-                        rules_touched,
-                        duration_ms = started.elapsed().as_secs_f64() * 1000.0,
-                        "egress changed"
-                    );
-                } else if rules_touched > 0 {
-                    warn!(requester = %requesters, rules_touched, "egress unchanged, but rules had drifted and were repaired");
-                } else {
-                    debug!(requester = %requesters, "egress unchanged");
-                }
-                let rules = self.settled_reports(&new.addrs, results);
-                for (request, state, reply) in requests {
-                    let mut warnings = request.parsed.warnings();
-                    if state.generation != new.generation {
-                        warnings.push(format!(
-                            "superseded by a request coalesced into the same transaction (generation {}, {})",
-                            new.generation, new.addrs
-                        ));
-                    }
-                    warnings.extend(report::waiting_notes(&rules, &state.addrs));
-                    let _ = reply.send(Ok(SetOutcome {
-                        addrs: state.addrs,
-                        generation: state.generation,
-                        warnings,
-                        rules: rules.clone(),
-                        dry_run: false,
-                    }));
-                }
-            }
-            Err(failure) => {
-                error!(error = %failure, old = %old.addrs, new = %new.addrs, "applying the change failed; restoring the previous state");
-                if new != old
-                    && let Err(e) = self.store.save(&old)
-                {
-                    error!(error = %e, "cannot restore the previous state file");
-                }
-                self.publish(old);
-                let failure = Arc::new(failure);
-                self.health.write_refused(what, failure.clone());
-                // Answer before re-asserting the previous rules: that can wait for the xtables
-                // lock again, and any later call is handled after it anyway.
-                for (_, _, reply) in requests {
-                    let _ = reply.send(Err(EngineError::Apply(failure.clone())));
-                }
-                self.resync(Trigger::Rollback);
-            }
-        }
-    }
-
-    /// Makes `state` the accepted state, for the engine and for [`EngineHandle::accepted`].
-    fn publish(&mut self, state: StoredState) {
-        self.state = state;
-        self.accepted.send_replace(state);
     }
 
     /// Programs `addrs` for every managed family; stops at the first family that fails.
@@ -627,52 +483,6 @@ impl Engine {
             backend_reason: self.backend_reason.clone(),
             drift_detection: self.timers.describe_detection(),
             kernel_transactions: self.table.transactions(),
-        }
-    }
-}
-
-/// The stored state. A fresh node starts with MASQUERADE; after a corrupt or unreadable state
-/// file (moved aside) the service adopts the pair that the rules of ours in the kernel program,
-/// when they are well-formed, else MASQUERADE. Either way a new state at a new epoch is written
-/// at once, so no earlier writer's generation can match it.
-/// Also returns why the new state file could not be written, if it could not.
-fn load_state(store: &StateStore, table: &NatTable) -> (StoredState, Option<StateError>) {
-    let state = match store.load() {
-        Ok(Loaded::State(state)) => {
-            info!(egress = %state.addrs, generation = state.generation, "loaded stored state");
-            return (state, None);
-        }
-        Ok(Loaded::Fresh) => {
-            let state = StoredState::new(EgressAddrs::NONE);
-            info!(path = %store.path().display(), generation = state.generation, "no stored state: starting with MASQUERADE");
-            state
-        }
-        Ok(Loaded::Corrupt { reason, moved_to }) => {
-            let state = StoredState::new(table.adopt());
-            error!(
-                %reason,
-                moved_to = %moved_to.display(),
-                adopted = %state.addrs,
-                generation = state.generation,
-                "STORED STATE IS CORRUPT: moved it aside; keeping the pair the rules of ours in the kernel program (MASQUERADE where there are none); check it and set it again if it is not what this node should use"
-            );
-            state
-        }
-        Err(e) => {
-            let state = StoredState::new(table.adopt());
-            error!(
-                error = %e,
-                adopted = %state.addrs,
-                "STORED STATE IS UNUSABLE and cannot be moved aside: keeping the pair the rules of ours in the kernel program; fix the state directory"
-            );
-            return (state, Some(e));
-        }
-    };
-    match store.save(&state) {
-        Ok(()) => (state, None),
-        Err(e) => {
-            error!(error = %e, "cannot write the new state file; a SetEgress will fail until the state directory is writable");
-            (state, Some(e))
         }
     }
 }
