@@ -31,6 +31,7 @@ pub mod kg;
 pub mod kube;
 pub mod lab;
 pub mod pki;
+pub mod podman;
 pub mod remote;
 
 pub use busy::BusyNode;
