@@ -54,4 +54,6 @@ echo "build-image.sh: building $image with $engine ($(${engine} --version | head
 started=$SECONDS
 "${build[@]}" -f deploy/Dockerfile -t "$image" "$@" .
 echo "build-image.sh: built $image in $((SECONDS - started))s" >&2
-echo "  use it: set images: [{name: kilo-egress, newName: ${image%:*}, newTag: ${image##*:}}] in deploy/kubernetes/kustomization.yaml" >&2
+name=${image%:*} tag=${image##*:}
+if [[ $name == "$image" || $tag == */* ]]; then name=$image tag=latest; fi
+echo "  deploy it: push it, then in deploy/kubernetes: kustomize edit set image kilo-egress=$name:$tag" >&2

@@ -7,8 +7,11 @@
 //! take ([`kilo_egress_tests::podman::pod_from_daemonset`] lists them and prints them): the kind,
 //! hostPath locations, emptyDirs (prepared as the kubelet prepares them, since podman ignores
 //! `fsGroup` and `medium`), the downward-API node name, and a kubeconfig instead of the service
-//! account token. The test proves:
+//! account token. The node is a busy Kubernetes node (kubelet's marker chain, 20,000 kube-proxy
+//! rules per family), once on nft and once on legacy, and kg writes KILO-NAT only after the pod
+//! started, as it may on a new node. The test proves:
 //!
+//! * kilo-egressd serves before kg runs (its startup probe passes) on the node's backend;
 //! * kilo-egressd's capabilities (effective, permitted, bounding) are exactly what the manifest
 //!   grants, the watcher has none; both run as the manifest's user and group, with
 //!   no-new-privileges and a seccomp filter, in the lab's network namespace;
@@ -19,19 +22,23 @@
 //!   directly before a Kilo-style MASQUERADE and upstream sees the annotated addresses;
 //! * every exec probe of the manifest passes when run, as do podman's healthchecks; the
 //!   watcher's liveness check fails while the watcher is stopped, and passes again after;
+//! * the memory limits are applied and hold with room to spare: the peak on this node, times
+//!   [`HEADROOM`], stays below each limit (the former 64Mi of kilo-egressd did not: the legacy
+//!   tools read the whole nat table, and were OOM-killed at 40,000 rules per family);
 //! * SIGTERM stops both containers cleanly, leaving the rules; `kilo-egressd cleanup` from the
 //!   image, run as docs/operations.md says, removes them and nothing of kg's;
 //! * the root namespace's rules are byte-identical before and after (iptables-save and
 //!   ip6tables-save of both backends).
 //!
 //! What podman does not model, and so remains to check on a real cluster (docs/operations.md,
-//! "Checking the DaemonSet on a cluster", has the commands):
+//! "What the image test proves, and what it cannot", has the commands):
 //! * `fsGroup`: the kubelet's group ownership and setgid bit on the emptyDirs (emulated here);
 //! * emptyDir `medium: Memory` and `sizeLimit` (here a plain directory);
 //! * probe timers: periodSeconds, timeoutSeconds, failureThreshold, the startup probe holding the
 //!   others back (here each probe runs once, by hand);
 //! * DaemonSet scheduling: one pod per node, tolerations, priorityClassName, the rolling update;
-//! * the service account token, RBAC against a real API server, the downward-API node name.
+//! * the service account token, RBAC against a real API server, the downward-API node name;
+//! * the container runtime's own RuntimeDefault seccomp profile (here podman's).
 //!
 //! A second test drives `kilo-egress watch --heartbeat-file` and `watch-alive` with the workspace
 //! binaries (no podman): the heartbeat stops while kilo-egressd is down and resumes after.
@@ -290,7 +297,6 @@ fn built_image() -> Podman {
 }
 
 /// What a container's memory cgroup says (cgroup v1 or v2).
-#[derive(Debug)]
 struct Memory {
     /// The limit, in bytes.
     limit: u64,
@@ -725,8 +731,12 @@ fn pod_as_written(backend: Backend) {
         ));
         assert!(
             memory.oom_kills == 0 && memory.hit_limit == 0,
-            "{cname}: its memory stays below the manifest's limit of {} MiB: {memory:#?}",
-            limit >> 20
+            "{cname}: its memory stays below the manifest's limit of {} MiB: peak {} B, hit the limit {} times, {} OOM kills\n--- memory.stat ---\n{}",
+            limit >> 20,
+            memory.peak,
+            memory.hit_limit,
+            memory.oom_kills,
+            memory.stat
         );
         // iptables reads the whole nat table (legacy: the kernel's blob, ~3 MiB per 1,000
         // rules; nft: the table cache of a restore, ~1.4 MiB), so the peak grows with the node:
@@ -920,4 +930,109 @@ fn the_heartbeat_stops_while_kilo_egressd_is_down_and_resumes_after() {
     );
     let status = watcher.stop().unwrap();
     assert!(status.success(), "{status}");
+}
+
+/// Runs `deploy/build-image.sh args` with only the fake engines in `engines` ("docker" with a
+/// daemon that answers or not, "podman") on PATH; returns its output and the engine's recorded
+/// command line.
+fn build_image_sh(engines: &[(&str, bool)], env: &[(&str, &str)]) -> (Captured, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = dir.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    for tool in ["sed", "head", "dirname"] {
+        let path = Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .unwrap();
+        let path = String::from_utf8(path.stdout).unwrap();
+        std::os::unix::fs::symlink(path.trim(), bin.join(tool)).unwrap();
+    }
+    let record = dir.path().join("engine.log");
+    for (engine, answers) in engines {
+        let script = format!(
+            "#!/bin/sh\ncase $1 in\n  info) exit {} ;;\n  --version) echo \"{engine} version 0.0-fake\" ;;\n  *) echo \"{engine} $*\" >> {} ;;\nesac\n",
+            if *answers { 0 } else { 1 },
+            record.display()
+        );
+        let path = bin.join(engine);
+        std::fs::write(&path, script).unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+    }
+    let mut command = Command::new("/bin/bash");
+    command
+        .arg(source_root().join("deploy/build-image.sh"))
+        .arg("--build-arg")
+        .arg("X=1")
+        .env_clear()
+        .env("PATH", &bin);
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let out = cmd::capture(&mut command, None).unwrap();
+    let recorded = std::fs::read_to_string(&record).unwrap_or_default();
+    (out, recorded.trim().to_owned())
+}
+
+#[test]
+fn build_image_sh_uses_whichever_engine_works() {
+    let version = env!("CARGO_PKG_VERSION");
+    let expected = |engine: &str, extra: &str, tag: &str| {
+        format!("{engine} build{extra} -f deploy/Dockerfile -t {tag} --build-arg X=1 .")
+    };
+    // docker whose daemon answers wins; podman gets the Dockerfile's ignore file.
+    let (out, recorded) = build_image_sh(&[("docker", true), ("podman", true)], &[]);
+    assert!(out.success(), "{out}");
+    assert_eq!(
+        recorded,
+        expected("docker", "", &format!("kilo-egress:{version}"))
+    );
+    assert!(
+        out.stderr
+            .contains("kustomize edit set image kilo-egress=kilo-egress:"),
+        "{out}"
+    );
+    // A docker client without a daemon (as on these machines): podman.
+    let (out, recorded) = build_image_sh(&[("docker", false), ("podman", true)], &[]);
+    assert!(out.success(), "{out}");
+    assert_eq!(
+        recorded,
+        expected(
+            "podman",
+            " --ignorefile deploy/Dockerfile.dockerignore",
+            &format!("kilo-egress:{version}")
+        )
+    );
+    // IMAGE and CONTAINER_ENGINE choose.
+    let (out, recorded) = build_image_sh(
+        &[("docker", true), ("podman", true)],
+        &[
+            ("IMAGE", "registry.example:5000/kilo-egress:1.2.3"),
+            ("CONTAINER_ENGINE", "podman"),
+        ],
+    );
+    assert!(out.success(), "{out}");
+    assert!(recorded.starts_with("podman build"), "{recorded}");
+    assert!(
+        recorded.contains("-t registry.example:5000/kilo-egress:1.2.3 "),
+        "{recorded}"
+    );
+    assert!(
+        out.stderr
+            .contains("kilo-egress=registry.example:5000/kilo-egress:1.2.3"),
+        "{out}"
+    );
+    // Nothing that works: a clear error, nothing run.
+    let (out, recorded) = build_image_sh(&[("docker", false)], &[]);
+    assert_eq!(out.code, Some(1), "{out}");
+    assert!(out.stderr.contains("daemon does not answer"), "{out}");
+    assert_eq!(recorded, "");
+    let (out, _) = build_image_sh(&[], &[]);
+    assert!(
+        out.stderr
+            .contains("neither docker nor podman is installed"),
+        "{out}"
+    );
+    let (out, _) = build_image_sh(&[("podman", true)], &[("CONTAINER_ENGINE", "buildah")]);
+    assert!(out.stderr.contains("expected docker or podman"), "{out}");
 }
