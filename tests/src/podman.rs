@@ -411,9 +411,14 @@ impl Podman {
                 "--build-arg",
                 &rust_arg,
             ]);
-        run_logged(&mut build, &self.dir.join("build-image.log"), BUILD_TIMEOUT)
-            .context("./deploy/build-image.sh")?;
-        Ok(started.elapsed())
+        let log = self.dir.join("build-image.log");
+        run_logged(&mut build, &log, BUILD_TIMEOUT).context("./deploy/build-image.sh")?;
+        let took = started.elapsed();
+        // Each changed source leaves the previous build's layers behind, untagged: keep a day's
+        // worth (the cache of recent runs), drop older ones so the storage does not grow forever.
+        let mut prune = self.command(&["image", "prune", "--force", "--filter", "until=24h"]);
+        run_logged(&mut prune, &log, Duration::from_secs(5 * 60))?;
+        Ok(took)
     }
 
     /// The value of `format` (a Go template) for a container.

@@ -50,7 +50,7 @@ use kilo_egress_tests::kube::{
     require_kubectl,
 };
 use kilo_egress_tests::podman::{
-    HostRust, PlayedPod, Podman, pod_from_daemonset, prepare_empty_dirs, require_podman,
+    HostRust, PlayedPod, Podman, fnv1a, pod_from_daemonset, prepare_empty_dirs, require_podman,
 };
 use kilo_egress_tests::{
     Backend, BusyNode, DaemonConfig, Family, Lab, bin_path, poll_until, require_root, source_root,
@@ -64,8 +64,15 @@ use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-/// The tag the test builds (a user's default is `kilo-egress:<version>`).
-const IMAGE: &str = "localhost/kilo-egress:e2e";
+/// The image the test builds (a user's default is `kilo-egress:<version>`): one tag per checkout,
+/// so test runs of two clones on one machine never run each other's build.
+fn image() -> String {
+    let checkout = source_root();
+    format!(
+        "localhost/kilo-egress:e2e-{}",
+        &fnv1a(checkout.to_str().unwrap())[..8]
+    )
+}
 const V4: &str = "198.51.100.20";
 const V6: &str = "2001:db8:2::20";
 
@@ -283,10 +290,11 @@ fn built_image() -> Podman {
             started.elapsed()
         ));
         let took = podman
-            .build_image(&source_root(), IMAGE, &rust)
+            .build_image(&source_root(), &image(), &rust)
             .map_err(|e| format!("{e:#}"))?;
         say(&format!(
-            "./deploy/build-image.sh: {IMAGE} in {took:.1?} (log: {})",
+            "./deploy/build-image.sh: {} in {took:.1?} (log: {})",
+            image(),
             podman.dir().join("build-image.log").display()
         ));
         Ok(podman)
@@ -434,7 +442,7 @@ fn pod_as_written(backend: Backend) {
         .unwrap_or_else(|e| panic!("{e:#}"));
 
     // The DaemonSet's pod for podman.
-    let docs = render_with_image(lab.dir(), IMAGE);
+    let docs = render_with_image(lab.dir(), &image());
     let daemonset = docs.iter().find(|d| d["kind"] == "DaemonSet").unwrap();
     let host_dir = lab.dir().join("pod");
     std::fs::create_dir_all(&host_dir).unwrap();
@@ -930,6 +938,32 @@ fn the_heartbeat_stops_while_kilo_egressd_is_down_and_resumes_after() {
     );
     let status = watcher.stop().unwrap();
     assert!(status.success(), "{status}");
+
+    // A watcher whose Node is not registered stays alive while kilo-egressd answers: a restart
+    // would not register the Node (its log says what is wrong).
+    let waiting = lab.dir().join("heartbeat-waiting");
+    let server = daemon.server_url();
+    let args = [
+        "--server",
+        server.as_str(),
+        "watch",
+        "--node",
+        "not-registered",
+        "--resync-interval",
+        "1s",
+        "--heartbeat-file",
+        waiting.to_str().unwrap(),
+    ];
+    let mut orphan = cmd::netns_command(&lab.node, bin_path("kilo-egress"), &args)
+        .env("KUBECONFIG", api.kubeconfig())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let alive = poll_until(FOLLOW_TIMEOUT, || watch_alive(&waiting, "3s").success());
+    let _ = cmd::stop_child(&mut orphan, "kilo-egress watch --node not-registered");
+    assert!(alive, "a watcher waiting for its Node is alive");
 }
 
 /// Runs `deploy/build-image.sh args` with only the fake engines in `engines` ("docker" with a
