@@ -189,10 +189,11 @@ impl Heartbeat {
         let Some(path) = &self.path else {
             return;
         };
-        if self
-            .last
-            .is_some_and(|last| now.duration_since(last).unwrap_or_default() < MIN_BEAT_INTERVAL)
-        {
+        // Skipped only within a second after the last write; a clock that stepped back writes.
+        if self.last.is_some_and(|last| {
+            now.duration_since(last)
+                .is_ok_and(|since| since < MIN_BEAT_INTERVAL)
+        }) {
             return;
         }
         match write_atomically(path, &render(now)) {
@@ -316,6 +317,12 @@ mod tests {
             parse(&std::fs::read_to_string(&path).unwrap()).unwrap(),
             at(0),
             "not rewritten within a second"
+        );
+        // The clock stepped back an hour: written at once, not an hour later.
+        heartbeat.beat(at(0) - Duration::from_secs(3600));
+        assert_eq!(
+            parse(&std::fs::read_to_string(&path).unwrap()).unwrap(),
+            at(0) - Duration::from_secs(3600)
         );
         heartbeat.beat(at(2));
         assert!(check(&path, at(62), MAX).is_alive());
