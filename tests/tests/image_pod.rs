@@ -747,10 +747,12 @@ fn pod_as_written(backend: Backend) {
             memory.stat
         );
         // iptables reads the whole nat table (legacy: the kernel's blob, ~3 MiB per 1,000
-        // rules; nft: the table cache of a restore, ~1.4 MiB), so the peak grows with the node:
-        // the limit must leave room for a table four times this one's 20,000 rules per family.
+        // rules; nft: the table cache of a restore, ~1.4 MiB), so kilo-egressd's peak grows
+        // with the node: its limit must leave room for a table four times this one's 20,000
+        // rules per family. The watcher never runs iptables: its peak does not grow with the
+        // node, and the check above (no OOM kill, the limit never hit) is what it must pass.
         assert!(
-            memory.peak.saturating_mul(HEADROOM) <= limit,
+            cname != "kilo-egressd" || memory.peak.saturating_mul(HEADROOM) <= limit,
             "{cname}: peak {:.1} MiB with {} nat rules per family leaves less than {HEADROOM}x room under the limit of {} MiB{}",
             memory.peak as f64 / f64::from(1 << 20),
             busy.rule_count(),
