@@ -65,6 +65,8 @@ impl BusyNode {
         );
         let mut rules = String::new();
         rules.push_str("-A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000\n");
+        // As kube-proxy writes it: only the packets it marked are masqueraded.
+        rules.push_str("-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN\n");
         rules.push_str("-A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE\n");
         for i in 0..self.services {
             let svc = format!("KUBE-SVC-{i:016X}");
@@ -138,8 +140,8 @@ mod tests {
             .lines()
             .filter(|l| l.starts_with(":KUBE-SVC-") || l.starts_with(":KUBE-SEP-"))
             .count();
-        // Two rules of KUBE-MARK-MASQ and KUBE-POSTROUTING come on top.
-        assert_eq!((rules, chains), (busy.rule_count() + 2, 2000));
+        // Three rules of KUBE-MARK-MASQ and KUBE-POSTROUTING come on top.
+        assert_eq!((rules, chains), (busy.rule_count() + 3, 2000));
         assert_eq!(busy.rule_count(), 20_000);
     }
 }

@@ -419,23 +419,6 @@ fn pod_as_written(backend: Backend) {
         ipt.run(&["-t", "mangle", "-N", "KUBE-IPTABLES-HINT"])
             .unwrap();
         busy.install(&ipt).unwrap();
-        // As kube-proxy writes it: only packets it marked are masqueraded (BusyNode leaves the
-        // mark test out, which would masquerade the pod's traffic before kg's jump).
-        ipt.run(&[
-            "-t",
-            "nat",
-            "-I",
-            "KUBE-POSTROUTING",
-            "1",
-            "-m",
-            "mark",
-            "!",
-            "--mark",
-            "0x4000/0x4000",
-            "-j",
-            "RETURN",
-        ])
-        .unwrap();
     }
     let api = ApiServer::start(&lab).unwrap();
     api.create_node(&[&format!("{ANNOTATION}={V4},{V6}")])
