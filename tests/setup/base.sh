@@ -3,23 +3,14 @@
 # earlier runs left behind. Idempotent.
 # shellcheck shell=bash
 
+# shellcheck source=tests/setup/packages.sh
+source tests/setup/packages.sh
+
 # iproute2, iptables (both backends), procps and getconf, from Debian, when missing.
 install_system_packages() {
     step "Setup: system packages"
-    local -A needs=([ip]=iproute2 [iptables-nft]=iptables [iptables-legacy]=iptables [sysctl]=procps [kill]=procps [getconf]=libc-bin)
-    local tool missing=()
-    for tool in "${!needs[@]}"; do
-        command -v "$tool" >/dev/null 2>&1 || missing+=("${needs[$tool]}")
-    done
-    if ((${#missing[@]})); then
-        mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
-        echo "installing: ${missing[*]}"
-        export DEBIAN_FRONTEND=noninteractive
-        apt-get update
-        apt-get install -y --no-install-recommends "${missing[@]}"
-    else
-        echo "iproute2, iptables and procps present"
-    fi
+    install_missing ip=iproute2 iptables-nft=iptables iptables-legacy=iptables sysctl=procps \
+        kill=procps getconf=libc-bin
 }
 
 # cargo on PATH (rustup's env is sourced when needed); `require_rust COMPONENT..` also adds rustup

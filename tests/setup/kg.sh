@@ -30,21 +30,13 @@ kg_setup() {
     fi
     [[ -z $tarball ]] || tarball=$(realpath "$tarball")
 
-    local -A needs=([wireguard-go]=wireguard-go [curl]=curl [stdbuf]=coreutils [xtables-monitor]=iptables [unshare]=util-linux)
-    local tool missing=()
-    for tool in "${!needs[@]}"; do
-        command -v "$tool" >/dev/null 2>&1 || missing+=("${needs[$tool]}")
-    done
-    if ((${#missing[@]})); then
-        mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
-        echo "installing (Debian): ${missing[*]}"
-        export DEBIAN_FRONTEND=noninteractive
-        apt-get install -y --no-install-recommends "${missing[@]}" ||
-            { apt-get update && apt-get install -y --no-install-recommends "${missing[@]}"; }
-        hash -r
-    fi
-    for tool in "${!needs[@]}"; do
-        command -v "$tool" >/dev/null 2>&1 || die "$tool is still missing after apt-get install ${needs[$tool]}"
+    # shellcheck source=tests/setup/packages.sh
+    source tests/setup/packages.sh
+    install_missing wireguard-go=wireguard-go curl=curl stdbuf=coreutils xtables-monitor=iptables \
+        unshare=util-linux
+    local tool
+    for tool in wireguard-go curl stdbuf xtables-monitor unshare; do
+        command -v "$tool" >/dev/null 2>&1 || die "$tool is still missing after apt-get install"
     done
 
     # wireguard-go control sockets left by killed test runs (tests/src/realkg.rs names interfaces

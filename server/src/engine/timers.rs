@@ -105,11 +105,6 @@ impl Timers {
         timers
     }
 
-    /// How drift is found now.
-    pub fn detection(&self) -> &DriftDetection {
-        &self.detection
-    }
-
     /// How drift is found, in words (GetRules).
     pub fn describe_detection(&self) -> String {
         match &self.detection {
