@@ -3,12 +3,14 @@
 //! One instance per network namespace ([`claim`]). The data flows one way: a request is parsed into a validated pair of addresses ([`service`]),
 //! the engine decides the desired rules ([`rules`], pure) and applies them in one transaction per
 //! family ([`netfilter`]); it keeps them in place against drift, told of changes by
-//! [`nftwatch`], and stores the accepted state ([`state`]). [`server`] puts the gRPC API, health
+//! [`nftwatch`] on nft, polling on legacy (where [`xtinfo`] says when a read is worth it), and
+//! stores the accepted state ([`state`]). [`server`] puts the gRPC API, health
 //! and reflection on a socket ([`listen`]), optionally TCP with mutual TLS ([`tls`]); [`peer`]
 //! names each caller, [`authz`] decides who may write, [`write_limit`] bounds writes in flight,
 //! and [`audit`] logs every SetEgress. Test doubles live in `testing`, built only for tests and
 //! with the feature `test-util`.
-#![forbid(unsafe_code)]
+// Unsafe code is denied everywhere but in `xtinfo`, which makes one documented `getsockopt`.
+#![deny(unsafe_code)]
 
 pub mod audit;
 pub mod authz;
@@ -26,3 +28,4 @@ pub mod state;
 pub mod testing;
 pub mod tls;
 pub mod write_limit;
+pub mod xtinfo;

@@ -10,6 +10,7 @@ use std::sync::atomic::Ordering;
 
 use crate::nftwatch::{self, KernelEvent};
 use crate::rules::{ObservedRule, parse_listing};
+use crate::xtinfo::{self, TableShape};
 
 /// Which iptables implementation programs the kernel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -247,6 +248,14 @@ pub trait Netfilter: Send + Sync {
     fn last_writer(&self) -> Option<u32> {
         None
     }
+    /// A cheap look at the nat table of `family` that changes whenever a rule is added or
+    /// removed anywhere in it ([`crate::xtinfo`]); `None` when the backend has none (nft sends
+    /// notifications instead) or the look failed. Polling reads the chains only when it changed
+    /// or a full read is due anyway.
+    fn table_shape(&self, family: Family) -> Option<TableShape> {
+        let _ = family;
+        None
+    }
     /// Starts forwarding change notifications of the nat chains of interest to `forward`, or
     /// says why this backend has none (legacy x_tables sends none; polling stays).
     fn watch_changes(&self, forward: ChangeForwarder) -> Result<(), String> {
@@ -392,6 +401,15 @@ impl Netfilter for IptablesCli {
 
     fn last_writer(&self) -> Option<u32> {
         Some(self.last_writer.load(Ordering::SeqCst)).filter(|pid| *pid != 0)
+    }
+
+    fn table_shape(&self, family: Family) -> Option<TableShape> {
+        if self.backend != Backend::Legacy {
+            return None;
+        }
+        xtinfo::nat_table_shape(family)
+            .inspect_err(|e| tracing::debug!(%family, error = %e, "no x_tables table shape"))
+            .ok()
     }
 
     fn watch_changes(&self, forward: ChangeForwarder) -> Result<(), String> {

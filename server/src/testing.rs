@@ -16,6 +16,7 @@ use crate::netfilter::{ChangeForwarder, Netfilter, NetfilterError, failing_line_
 use crate::nftwatch::KernelEvent;
 use crate::rules::{ModeConfig, ObservedRule, parse_listing, tokenize};
 use crate::server::{Limits, Security, ServeError, serve_all};
+use crate::xtinfo::TableShape;
 
 impl EngineConfig {
     /// A configuration that checks nothing on its own: no change notifications and both check
@@ -69,6 +70,9 @@ pub struct FakeNetfilter {
     /// nf_tables kernel does, once the engine has subscribed.
     announces_changes: bool,
     subscriber: Mutex<Option<ChangeForwarder>>,
+    /// Set by [`FakeNetfilter::with_table_shapes`]: what every chain read costs, and that the
+    /// table has a shape, as x_tables does.
+    shaped_reads: Option<Duration>,
 }
 
 const BUILTIN_NAT_CHAINS: [&str; 4] = ["PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"];
@@ -94,6 +98,16 @@ impl FakeNetfilter {
     pub fn with_change_notifications() -> FakeNetfilter {
         FakeNetfilter {
             announces_changes: true,
+            ..FakeNetfilter::new()
+        }
+    }
+
+    /// Like [`FakeNetfilter::new`], but giving the table's shape (rule count and total length,
+    /// so a same-length replacement goes unseen, as on x_tables) and spending `read_cost` on
+    /// every chain read, as a busy legacy node does.
+    pub fn with_table_shapes(read_cost: Duration) -> FakeNetfilter {
+        FakeNetfilter {
+            shaped_reads: Some(read_cost),
             ..FakeNetfilter::new()
         }
     }
@@ -277,6 +291,10 @@ impl Netfilter for FakeNetfilter {
         chain: &str,
     ) -> Result<Option<Vec<ObservedRule>>, NetfilterError> {
         self.reads.fetch_add(1, Ordering::SeqCst);
+        if let Some(cost) = self.shaped_reads {
+            // The cost of copying a large table, which is what polling must avoid.
+            std::thread::sleep(cost);
+        }
         Ok(self
             .chain(family, chain)
             .map(|lines| parse_listing(&lines.join("\n"))))
@@ -316,6 +334,17 @@ impl Netfilter for FakeNetfilter {
 
     fn last_writer(&self) -> Option<u32> {
         *self.last_restore_writer.lock().unwrap()
+    }
+
+    fn table_shape(&self, family: Family) -> Option<TableShape> {
+        self.shaped_reads?;
+        let tables = self.tables.lock().unwrap();
+        let rules = tables[&family].values().flatten();
+        let (count, length) = rules.fold((0, 0), |(n, len), rule| (n + 1, len + rule.len()));
+        Some(TableShape::for_test(
+            count + tables[&family].len() as u32,
+            length as u32,
+        ))
     }
 
     fn watch_changes(&self, forward: ChangeForwarder) -> Result<(), String> {

@@ -14,6 +14,7 @@ mod batch;
 pub mod error;
 pub mod families;
 pub mod health;
+pub mod poll;
 mod recovery;
 pub mod report;
 pub mod table;
@@ -37,6 +38,7 @@ use crate::rules::ModeConfig;
 use crate::state::{StateStore, StoredState};
 use families::ManagedFamilies;
 use health::ApplyHealth;
+use poll::PollGate;
 use table::{Freshness, NatTable, Reconciled};
 use timers::{DriftDetection, Due, SystemClock, Timers};
 
@@ -140,6 +142,8 @@ pub struct Engine {
     accepted: watch::Sender<StoredState>,
     backend_reason: String,
     notification_debounce: Duration,
+    /// Which families a poll reads (polling only).
+    poll: PollGate,
 }
 
 impl Engine {
@@ -194,6 +198,7 @@ impl Engine {
             accepted: accepted_tx,
             backend_reason: config.backend_reason,
             notification_debounce: config.notification_debounce,
+            poll: PollGate::new(config.resync_interval, Instant::now()),
         };
         if let Some(e) = unsaved {
             engine
@@ -225,7 +230,7 @@ impl Engine {
                 Some(Due::Recheck(families)) => self.recheck(families),
                 Some(Due::Retry) => self.resync(Trigger::Retry),
                 Some(Due::Check) => {
-                    self.resync(Trigger::DriftCheck);
+                    self.periodic_check();
                     self.timers.checked();
                 }
                 None => match inbox.recv_timeout(self.timers.until_next()) {
@@ -275,6 +280,7 @@ impl Engine {
             }
             KernelEvent::Lost(why) => {
                 self.timers.notifications_lost(&why);
+                self.poll.forget();
                 warn!(reason = %why, interval = ?self.timers.check_interval(), "kernel change notifications stopped; polling instead");
                 self.table.forget_all();
             }
@@ -320,6 +326,44 @@ impl Engine {
         self.health.wrote(&tidied.written);
         if !tidied.failed.is_empty() {
             self.timers.recheck(tidied.failed, Duration::ZERO);
+        }
+    }
+
+    /// The periodic check: with notifications, the safety check re-reads every family; when
+    /// polling, the [`PollGate`] picks the families whose chains are worth a read.
+    fn periodic_check(&mut self) {
+        if !self.timers.is_polling() {
+            return self.resync(Trigger::DriftCheck);
+        }
+        let shapes: Vec<_> = self
+            .table
+            .families()
+            .managed()
+            .into_iter()
+            .map(|family| (family, self.table.shape(family)))
+            .collect();
+        let families = self.poll.to_read(Instant::now(), &shapes);
+        if families.is_empty() {
+            return;
+        }
+        let read: Vec<_> = shapes
+            .into_iter()
+            .filter(|(family, _)| families.contains(family))
+            .collect();
+        let started = Instant::now();
+        self.reconcile_logged(families, Trigger::DriftCheck);
+        self.poll.read(&read, started.elapsed(), Instant::now());
+    }
+
+    /// How drift is found, in words (GetRules).
+    fn describe_detection(&self) -> String {
+        let how = self.timers.describe_detection();
+        if self.timers.is_polling() {
+            let shaped = (self.table.families().managed().into_iter())
+                .any(|family| self.table.shape(family).is_some());
+            format!("{how}: {}", self.poll.describe(shaped))
+        } else {
+            how
         }
     }
 
@@ -481,7 +525,7 @@ impl Engine {
             last_apply: self.health.last_apply(),
             backend: self.table.backend_name(),
             backend_reason: self.backend_reason.clone(),
-            drift_detection: self.timers.describe_detection(),
+            drift_detection: self.describe_detection(),
             kernel_transactions: self.table.transactions(),
         }
     }

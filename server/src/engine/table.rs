@@ -16,6 +16,7 @@ use crate::netfilter::{ChangeForwarder, Netfilter, NetfilterError};
 use crate::rules::{
     self, Desired, KILO_NAT, ModeConfig, Observed, ObservedRule, POSTROUTING, Transaction,
 };
+use crate::xtinfo::TableShape;
 
 /// How many port ids of our own restores are remembered to recognise their notifications.
 const OWN_WRITERS_KEPT: usize = 64;
@@ -137,6 +138,11 @@ impl NatTable {
     /// Subscribes `forward` to the backend's change notifications, or says why there are none.
     pub fn watch_changes(&self, forward: ChangeForwarder) -> Result<(), String> {
         self.netfilter.watch_changes(forward)
+    }
+
+    /// The cheap look at `family`'s nat table that polling compares ([`Netfilter::table_shape`]).
+    pub fn shape(&self, family: Family) -> Option<TableShape> {
+        self.netfilter.table_shape(family)
     }
 
     /// Whether a change notification by `writers` is only the echo of our own restores.

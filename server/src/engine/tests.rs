@@ -491,3 +491,49 @@ async fn a_corrupt_state_file_adopts_the_pair_our_rules_program() {
         "a fresh state file: {stored}"
     );
 }
+
+#[tokio::test]
+async fn polling_reads_the_chains_only_when_the_table_shape_changed() {
+    // Every chain read costs 5 ms, as on a busy legacy node, so the backstop read is 8 s away
+    // (20 ms for both families, at half of 0.5 % of a core) and the shape decides alone.
+    let fake = Arc::new(FakeNetfilter::with_table_shapes(Duration::from_millis(5)));
+    let dir = tempfile::tempdir().unwrap();
+    let config = EngineConfig {
+        resync_interval: Duration::from_millis(10),
+        ..EngineConfig::quiet(own_mode())
+    };
+    let handle = Engine::start(config, fake.clone(), StateStore::new(dir.path())).0;
+    handle.set(set(&["198.51.100.20"])).await.unwrap();
+    handle.status().await.unwrap();
+    let good = fake.chain(Family::Ipv4, KILO_NAT);
+    // The polls after our own writes read once (the shape changed); then reading stops.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let reads = fake.reads();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if fake.reads() == reads {
+            break;
+        }
+        assert!(Instant::now() < deadline, "polling never stopped reading");
+    }
+    let settled = fake.reads();
+    tokio::time::sleep(Duration::from_millis(300)).await; // 30 polls
+    assert_eq!(
+        fake.reads(),
+        settled,
+        "30 polls of an unchanged table read chains"
+    );
+
+    fake.tamper_silently(Family::Ipv4, |t| {
+        t.get_mut(KILO_NAT).unwrap().clear();
+    });
+    wait_for("the flushed chain repaired", || {
+        fake.chain(Family::Ipv4, KILO_NAT) == good
+    })
+    .await;
+    let detection = handle.status().await.unwrap().drift_detection;
+    assert!(
+        detection.contains("the table's shape every 10ms"),
+        "{detection}"
+    );
+}

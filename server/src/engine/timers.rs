@@ -112,11 +112,13 @@ impl Timers {
                 "nftables change notifications, safety check every {}",
                 humantime::format_duration(self.safety_check_interval)
             ),
-            DriftDetection::Polling(why) => format!(
-                "polling every {} ({why})",
-                humantime::format_duration(self.resync_interval)
-            ),
+            DriftDetection::Polling(why) => format!("polling ({why})"),
         }
+    }
+
+    /// Whether drift is found by polling (no change notifications).
+    pub fn is_polling(&self) -> bool {
+        matches!(self.detection, DriftDetection::Polling(_))
     }
 
     /// Notifications stopped: poll from the next periodic check on.
@@ -261,7 +263,8 @@ mod tests {
         timers.notifications_lost("ENOBUFS");
         timers.checked();
         assert_eq!(timers.until_next(), Duration::from_secs(1));
-        assert!(timers.describe_detection().starts_with("polling every 1s"));
+        assert!(timers.is_polling());
+        assert!(timers.describe_detection().starts_with("polling ("));
     }
 
     #[test]
