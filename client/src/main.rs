@@ -180,8 +180,27 @@ fn print_rules(response: &api::GetRulesResponse, output: Output) {
     let pair = response.egress.clone().unwrap_or_default();
     let mode = Mode::try_from(response.mode).map_or_else(|_| "?".to_string(), |m| m.to_string());
     let applied = rfc3339(response.last_apply_time.as_ref()).unwrap_or_else(|| "never".to_string());
-    println!("IPv4 egress:  {}", or_masquerade(&pair.ipv4));
-    println!("IPv6 egress:  {}", or_masquerade(&pair.ipv6));
+    let absent = |family: Family| {
+        let absent = response
+            .families
+            .iter()
+            .any(|f| f.address_absent && Family::try_from(f.family).is_ok_and(|x| x == family));
+        if absent {
+            " (NOT on the node: see below)"
+        } else {
+            ""
+        }
+    };
+    println!(
+        "IPv4 egress:  {}{}",
+        or_masquerade(&pair.ipv4),
+        absent(Family::Ipv4)
+    );
+    println!(
+        "IPv6 egress:  {}{}",
+        or_masquerade(&pair.ipv6),
+        absent(Family::Ipv6)
+    );
     println!("generation:   {}", response.generation);
     println!("mode:         {mode}");
     println!(
@@ -189,6 +208,7 @@ fn print_rules(response: &api::GetRulesResponse, output: Output) {
         response.backend, response.backend_reason
     );
     println!("drift:        {}", response.drift_detection);
+    println!("addresses:    {}", response.address_presence);
     println!(
         "writes:       {} transactions since start",
         response.kernel_transactions

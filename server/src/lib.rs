@@ -12,6 +12,7 @@
 // Unsafe code is denied everywhere but in `xtinfo`, which makes one documented `getsockopt`.
 #![deny(unsafe_code)]
 
+pub mod addrwatch;
 pub mod audit;
 pub mod authz;
 pub mod claim;

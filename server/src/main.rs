@@ -6,6 +6,7 @@ use ipnet::IpNet;
 use kilo_egress_api::DEFAULT_SOCKET;
 use kilo_egress_api::egress::Family;
 use kilo_egressd::claim;
+use kilo_egressd::engine::presence::AbsentPolicy;
 use kilo_egressd::engine::{self, Engine, EngineConfig};
 use kilo_egressd::listen::ListenAddr;
 use kilo_egressd::netfilter::{BackendChoice, IptablesCli, choose_backend};
@@ -102,8 +103,15 @@ struct RunArgs {
     /// host without IPv6 netfilter support).
     #[arg(long, env = "KILO_EGRESS_IP_FAMILIES", value_delimiter = ',', default_value = "ipv4,ipv6", value_parser = parse_family)]
     ip_families: Vec<Family>,
-    /// How often the rules are re-read and repaired when the kernel sends no change
-    /// notifications (legacy backend, or --kernel-notifications=false).
+    /// What to program while a chosen egress address is not on any interface of the node (or,
+    /// IPv6, still in or failed duplicate address detection): `masquerade` falls back to the
+    /// node's own address until it appears; `keep` keeps the SNAT (fail closed: no traffic leaves
+    /// with another address, and none gets replies meanwhile).
+    #[arg(long, env = "KILO_EGRESS_ABSENT_ADDRESS", value_enum, default_value_t = AbsentPolicy::Masquerade)]
+    absent_address: AbsentPolicy,
+    /// How often the rules are checked and repaired when the kernel sends no change
+    /// notifications (legacy backend, or --kernel-notifications=false); on legacy each check
+    /// looks at the table's shape and reads the chains only when needed.
     #[arg(long, env = "KILO_EGRESS_RESYNC_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
     resync_interval: Duration,
     /// nft: repair drift the moment nftables reports a change of KILO-NAT or POSTROUTING.
@@ -247,6 +255,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         backend_reason,
         notification_debounce: engine::NOTIFICATION_DEBOUNCE,
         families: args.ip_families.clone(),
+        follow_addresses: true,
+        absent_address: args.absent_address,
     };
     let (handle, _engine) = tokio::task::spawn_blocking(move || {
         Engine::start(config, netfilter, StateStore::new(&args.common.state_dir))

@@ -78,6 +78,7 @@ fn family_rules(report: &FamilyReport) -> pb::FamilyRules {
             .collect(),
         in_sync: report.in_sync,
         status: report.status.clone(),
+        address_absent: report.address_absent,
     }
 }
 
@@ -94,6 +95,7 @@ pub fn rules_response(report: &StatusReport) -> pb::GetRulesResponse {
         backend: report.backend.to_string(),
         backend_reason: report.backend_reason.clone(),
         drift_detection: report.drift_detection.clone(),
+        address_presence: report.address_presence.clone(),
         kernel_transactions: report.kernel_transactions,
         last_write_failure: report
             .last_write_failure

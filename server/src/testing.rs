@@ -10,6 +10,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::time::Duration;
 
+use crate::engine::presence::AbsentPolicy;
 use crate::engine::{EngineConfig, EngineHandle, NOTIFICATION_DEBOUNCE};
 use crate::listen::ListenAddr;
 use crate::netfilter::{ChangeForwarder, Netfilter, NetfilterError, failing_line_context};
@@ -30,6 +31,8 @@ impl EngineConfig {
             backend_reason: "test".into(),
             notification_debounce: NOTIFICATION_DEBOUNCE,
             families: Family::ALL.to_vec(),
+            follow_addresses: false,
+            absent_address: AbsentPolicy::Masquerade,
         }
     }
 }

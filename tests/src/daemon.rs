@@ -526,6 +526,26 @@ impl RulesView {
             .unwrap_or_default()
     }
 
+    /// Whether GetRules says the chosen address of `family` is not usable on the node.
+    pub fn address_absent(&self, family: Family) -> bool {
+        let name = match family {
+            Family::V4 => "FAMILY_IPV4",
+            Family::V6 => "FAMILY_IPV6",
+        };
+        self.raw["families"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|fam| fam["family"].as_str() == Some(name))
+            .and_then(|fam| fam["addressAbsent"].as_bool())
+            .unwrap_or(false)
+    }
+
+    /// Whether the service follows the node's addresses, and its absent-address policy.
+    pub fn address_presence(&self) -> &str {
+        self.raw["addressPresence"].as_str().unwrap_or_default()
+    }
+
     /// The `spec` of every rule reported for `family`, in the order given.
     pub fn specs(&self, family: Family) -> Vec<String> {
         let name = match family {

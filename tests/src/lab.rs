@@ -352,6 +352,12 @@ impl Lab {
         }
     }
 
+    /// Runs `ip ARGS` in the node namespace, e.g. `addr add 198.51.100.21/32 dev up0`: the
+    /// node's addresses come and go as a cloud or keepalived would move them.
+    pub fn node_ip(&self, args: &str) -> anyhow::Result<()> {
+        ip(&self.node, args).map(|_| ())
+    }
+
     /// The node's nat table for one backend and family.
     pub fn iptables(&self, backend: Backend, family: Family) -> Iptables<'_> {
         Iptables::new(&self.node, backend, family)

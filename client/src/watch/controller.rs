@@ -6,15 +6,20 @@ use super::decide::{Action, decide, describe, request_entries};
 use super::egress::EgressServer;
 use crate::ClientError;
 use k8s_openapi::api::core::v1::{Node, ObjectReference};
+use kilo_egress_api::egress::{EgressAddrs, Family};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Client, Resource};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use tracing::{info, warn};
 
 /// The reason of the Normal Event posted when a new pair was programmed.
 pub const REASON_APPLIED: &str = "EgressApplied";
 /// The reason of the Warning Event posted for an invalid annotation.
 pub const REASON_INVALID: &str = "InvalidEgressIP";
+/// The reason of the Warning Event posted when a chosen address is not on the node.
+pub const REASON_ADDRESS_ABSENT: &str = "EgressAddressAbsent";
+/// The reason of the Normal Event posted when a chosen address is on the node again.
+pub const REASON_ADDRESS_PRESENT: &str = "EgressAddressPresent";
 /// The `reportingController` of the Events.
 pub const REPORTING_CONTROLLER: &str = "kilo-egress-watch";
 /// How many distinct Event messages keep their own series before the cache starts over.
@@ -47,6 +52,8 @@ pub struct Controller<E> {
     handled: Option<Option<String>>,
     /// The invalid value last reported with a Warning Event.
     warned: Option<String>,
+    /// The chosen addresses last reported as not on the node, per family.
+    absent: BTreeMap<Family, String>,
 }
 
 impl<E: EgressServer> Controller<E> {
@@ -64,6 +71,7 @@ impl<E: EgressServer> Controller<E> {
             recorders: HashMap::new(),
             handled: None,
             warned: None,
+            absent: BTreeMap::new(),
         }
     }
 
@@ -93,7 +101,10 @@ impl<E: EgressServer> Controller<E> {
         self.handled = None;
         let current = self.egress.current().await?;
         let outcome = match decide(value.as_deref(), &current) {
-            Action::InSync => Outcome::InSync,
+            Action::InSync => {
+                self.report_absence(node, &current).await;
+                Outcome::InSync
+            }
             Action::Apply(parsed) => {
                 for warning in parsed.warnings() {
                     warn!(annotation = %self.annotation, "{warning}");
@@ -104,6 +115,7 @@ impl<E: EgressServer> Controller<E> {
                 let note = format!("kilo-egressd now SNATs pod egress to {pair}");
                 self.publish(node, EventType::Normal, REASON_APPLIED, note)
                     .await;
+                self.report_absence(node, &parsed.addrs).await;
                 Outcome::Applied(pair)
             }
             Action::Reject(invalid) => {
@@ -133,6 +145,32 @@ impl<E: EgressServer> Controller<E> {
     /// reconcile.
     pub async fn ping(&mut self) -> Result<(), ClientError> {
         self.egress.current().await.map(drop)
+    }
+
+    /// Posts a Warning Event for each chosen address kilo-egressd newly reports as not on the
+    /// node, and a Normal one for each that is back, comparing with the last report.
+    async fn report_absence(&mut self, node: &Node, chosen: &EgressAddrs) {
+        let now = self.egress.absent();
+        for (family, note) in &now {
+            if self.absent.get(family) != Some(note) {
+                let note = format!("{family} egress address {note}");
+                warn!("{note}");
+                self.publish(node, EventType::Warning, REASON_ADDRESS_ABSENT, note)
+                    .await;
+            }
+        }
+        let before: Vec<Family> = self.absent.keys().copied().collect();
+        for family in before {
+            if let (false, Some(addr)) = (now.contains_key(&family), chosen.get(family)) {
+                let note = format!(
+                    "{family} egress address {addr} is on the node again: kilo-egressd SNATs pod egress to it"
+                );
+                info!("{note}");
+                self.publish(node, EventType::Normal, REASON_ADDRESS_PRESENT, note)
+                    .await;
+            }
+        }
+        self.absent = now;
     }
 
     /// Posts an Event on `node`; a failure is logged, never fatal (the rules matter more).
@@ -182,6 +220,7 @@ mod tests {
         gets: usize,
         sets: Vec<Vec<String>>,
         down: bool,
+        absent: BTreeMap<Family, String>,
     }
 
     impl FakeEgress {
@@ -222,6 +261,9 @@ mod tests {
             state.current = kilo_egress_api::egress::parse_egress_list(&entries)?.addrs;
             state.sets.push(entries);
             Ok(())
+        }
+        fn absent(&self) -> BTreeMap<Family, String> {
+            self.state.lock().unwrap().absent.clone()
         }
     }
 
@@ -294,6 +336,46 @@ mod tests {
 
     fn controller(egress: FakeEgress, client: Client) -> Controller<FakeEgress> {
         Controller::new(egress, client, "kilo.squat.ai/egress-ip", "node-a")
+    }
+
+    #[tokio::test]
+    async fn an_absent_address_posts_one_warning_and_a_normal_event_when_back() {
+        let egress = FakeEgress::with(|s| {
+            s.current = kilo_egress_api::egress::parse_egress_list(&["198.51.100.20"])
+                .unwrap()
+                .addrs;
+            s.absent.insert(
+                Family::Ipv4,
+                "198.51.100.20 is not assigned to any interface: MASQUERADE until it is usable"
+                    .into(),
+            );
+        });
+        let (client, server) = mocked();
+        let mut c = controller(egress.clone(), client);
+        let seen = node(Some("198.51.100.20"), "1");
+        assert_eq!(c.reconcile(&seen).await.unwrap(), Outcome::InSync);
+        // A resync while it is still absent: no second Event.
+        assert_eq!(c.reconcile(&seen).await.unwrap(), Outcome::InSync);
+        egress.state.lock().unwrap().absent.clear();
+        assert_eq!(c.reconcile(&seen).await.unwrap(), Outcome::InSync);
+        c.reconcile(&seen).await.unwrap();
+        let events = events_created(c, server).await;
+        assert_eq!(events.len(), 2, "{events:#?}");
+        assert_eq!(events[0]["type"], "Warning");
+        assert_eq!(events[0]["reason"], REASON_ADDRESS_ABSENT);
+        assert_eq!(
+            events[0]["note"],
+            "IPv4 egress address 198.51.100.20 is not assigned to any interface: MASQUERADE until it is usable"
+        );
+        assert_eq!(events[1]["type"], "Normal");
+        assert_eq!(events[1]["reason"], REASON_ADDRESS_PRESENT);
+        assert!(
+            events[1]["note"]
+                .as_str()
+                .unwrap()
+                .contains("198.51.100.20 is on the node again"),
+            "{events:#?}"
+        );
     }
 
     #[tokio::test]

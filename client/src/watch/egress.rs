@@ -3,7 +3,8 @@
 
 use crate::tls::TlsFiles;
 use crate::{ClientError, EgressClient, ServerAddr};
-use kilo_egress_api::egress::EgressAddrs;
+use kilo_egress_api::egress::{EgressAddrs, Family};
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::time::Duration;
 
@@ -16,6 +17,26 @@ pub trait EgressServer {
         &mut self,
         entries: Vec<String>,
     ) -> impl Future<Output = Result<(), ClientError>> + Send;
+    /// The families whose chosen address kilo-egressd reported as not on the node in its last
+    /// reply (GetRules or SetEgress), with the reason (e.g. "198.51.100.20 is not assigned to
+    /// any interface: MASQUERADE until it is usable").
+    fn absent(&self) -> BTreeMap<Family, String> {
+        BTreeMap::new()
+    }
+}
+
+/// The absent addresses of a reply's families: the first part of their status, which names the
+/// address and what is programmed meanwhile.
+pub fn absent_from(families: &[crate::api::FamilyRules]) -> BTreeMap<Family, String> {
+    families
+        .iter()
+        .filter(|f| f.address_absent)
+        .filter_map(|f| {
+            let family = Family::try_from(f.family).ok()?;
+            let note = f.status.split("; ").next().unwrap_or_default();
+            Some((family, note.to_string()))
+        })
+        .collect()
 }
 
 /// kilo-egressd over gRPC. The connection is made on first use and dropped after any failure,
@@ -25,6 +46,7 @@ pub struct GrpcEgress {
     timeout: Duration,
     tls: TlsFiles,
     client: Option<EgressClient>,
+    absent: BTreeMap<Family, String>,
 }
 
 impl GrpcEgress {
@@ -36,6 +58,7 @@ impl GrpcEgress {
             timeout,
             tls,
             client: None,
+            absent: BTreeMap::new(),
         }
     }
 
@@ -69,15 +92,22 @@ impl EgressServer for GrpcEgress {
             Err(error) => Err(error),
         };
         let response = self.forget_on_error(result)?;
+        self.absent = absent_from(&response.families);
         pair_from_response(response.egress)
     }
 
     async fn apply(&mut self, entries: Vec<String>) -> Result<(), ClientError> {
         let result = match self.client().await {
-            Ok(client) => client.set_egress(entries, false, None).await.map(drop),
+            Ok(client) => client.set_egress(entries, false, None).await,
             Err(error) => Err(error),
         };
-        self.forget_on_error(result)
+        let response = self.forget_on_error(result)?;
+        self.absent = absent_from(&response.rules);
+        Ok(())
+    }
+
+    fn absent(&self) -> BTreeMap<Family, String> {
+        self.absent.clone()
     }
 }
 

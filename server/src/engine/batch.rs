@@ -125,6 +125,7 @@ impl Engine {
                         ));
                     }
                     warnings.extend(report::waiting_notes(&rules, &state.addrs));
+                    warnings.extend(self.absence_warnings(&state.addrs));
                     let _ = reply.send(Ok(SetOutcome {
                         addrs: state.addrs,
                         generation: state.generation,

@@ -68,6 +68,8 @@ pub enum Trigger {
     Rollback,
     /// The last apply of the accepted state failed: it is tried again.
     Retry,
+    /// A chosen address appeared on or left the node.
+    AddressChange,
 }
 
 impl fmt::Display for Trigger {
@@ -78,6 +80,7 @@ impl fmt::Display for Trigger {
             Trigger::KernelNotification => "kernel change notification",
             Trigger::Rollback => "rollback",
             Trigger::Retry => "retry",
+            Trigger::AddressChange => "address change",
         })
     }
 }

@@ -13,8 +13,10 @@
 mod batch;
 pub mod error;
 pub mod families;
+mod follow;
 pub mod health;
 pub mod poll;
+pub mod presence;
 mod recovery;
 pub mod report;
 pub mod table;
@@ -26,7 +28,7 @@ use std::sync::Arc;
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, watch};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 pub use error::{EngineError, FamilyError, Trigger};
 pub use report::{FamilyReport, ReportedRule, SetOutcome, StatusReport};
@@ -39,6 +41,7 @@ use crate::state::{StateStore, StoredState};
 use families::ManagedFamilies;
 use health::ApplyHealth;
 use poll::PollGate;
+use presence::{AbsentPolicy, AddressPresence};
 use table::{Freshness, NatTable, Reconciled};
 use timers::{DriftDetection, Due, SystemClock, Timers};
 
@@ -63,6 +66,11 @@ pub struct EngineConfig {
     pub notification_debounce: Duration,
     /// The families the node uses (`--ip-families`); the others are never programmed.
     pub families: Vec<Family>,
+    /// Whether to follow the node's addresses (rtnetlink); without, every address counts as
+    /// present.
+    pub follow_addresses: bool,
+    /// What to program while a chosen address is not on the node (`--absent-address`).
+    pub absent_address: AbsentPolicy,
 }
 
 /// A validated SetEgress request.
@@ -89,6 +97,8 @@ enum Command {
     Get(oneshot::Sender<StatusReport>),
     /// The kernel said our chains changed, or that it stopped saying so.
     Kernel(KernelEvent),
+    /// The node's addresses changed.
+    Addresses(follow::AddressUpdate),
 }
 
 /// A cheap, cloneable handle that sends commands to the engine.
@@ -144,6 +154,10 @@ pub struct Engine {
     notification_debounce: Duration,
     /// Which families a poll reads (polling only).
     poll: PollGate,
+    /// The node's addresses, and what to program while a chosen one is absent.
+    presence: AddressPresence,
+    /// Whether the node's addresses are followed, or why not.
+    address_following: Result<(), String>,
 }
 
 impl Engine {
@@ -182,6 +196,21 @@ impl Engine {
                 DriftDetection::Polling(why)
             }
         };
+        let mut presence = AddressPresence::new(config.absent_address);
+        let address_following = if config.follow_addresses {
+            follow::follow_addresses(&commands, &mut presence)
+        } else {
+            Err("--follow-addresses is off".to_string())
+        };
+        match &address_following {
+            Ok(()) => {
+                info!(absent_address = ?config.absent_address, "following the node's addresses")
+            }
+            Err(why) if config.follow_addresses => {
+                error!(reason = %why, "every egress address counts as present")
+            }
+            Err(_) => {}
+        }
         let (ready_tx, ready_rx) = watch::channel(false);
         let (accepted_tx, accepted_rx) = watch::channel(state);
         let mut engine = Engine {
@@ -199,6 +228,8 @@ impl Engine {
             backend_reason: config.backend_reason,
             notification_debounce: config.notification_debounce,
             poll: PollGate::new(config.resync_interval, Instant::now()),
+            presence,
+            address_following,
         };
         if let Some(e) = unsaved {
             engine
@@ -252,6 +283,7 @@ impl Engine {
                 Command::Set(request, reply) => sets.push((request, reply)),
                 Command::Get(reply) => gets.push(reply),
                 Command::Kernel(event) => self.kernel_event(event),
+                Command::Addresses(update) => self.addresses_changed(update),
             }
         }
         if let Some(batch) = self.accept(sets) {
@@ -310,7 +342,11 @@ impl Engine {
     ) -> Result<Reconciled, FamilyError> {
         let applied = self
             .table
-            .reconcile(family, addrs.get(family), freshness)
+            .reconcile(
+                family,
+                self.presence.programmed(addrs.get(family)),
+                freshness,
+            )
             .map_err(|source| FamilyError { family, source })?;
         if applied.tidy_queued {
             self.timers.tidy_queued(self.table.shadowed_rules());
@@ -351,8 +387,9 @@ impl Engine {
             .filter(|(family, _)| families.contains(family))
             .collect();
         let started = Instant::now();
-        self.reconcile_logged(families, Trigger::DriftCheck);
-        self.poll.read(&read, started.elapsed(), Instant::now());
+        let repaired = self.reconcile_logged(families, Trigger::DriftCheck);
+        self.poll
+            .read(&read, started.elapsed(), repaired, Instant::now());
     }
 
     /// How drift is found, in words (GetRules).
@@ -382,8 +419,8 @@ impl Engine {
     }
 
     /// Reconciles `families` with the accepted state on a fresh read; a failure is retried with
-    /// backoff until a reconcile succeeds.
-    fn reconcile_logged(&mut self, families: Vec<Family>, trigger: Trigger) {
+    /// backoff until a reconcile succeeds. Returns whether anything was written.
+    fn reconcile_logged(&mut self, families: Vec<Family>, trigger: Trigger) -> bool {
         let started = Instant::now();
         let addrs = self.state.addrs;
         let mut failure = None;
@@ -398,15 +435,21 @@ impl Engine {
             match result {
                 Ok(applied) if applied.rules_touched > 0 && trigger == Trigger::Start => info!(
                     %family,
-                    was = %applied.drift.join("; "),
+                    was = %summarise(&applied.drift),
                     rules_touched = applied.rules_touched,
                     duration_ms = started.elapsed().as_secs_f64() * 1000.0,
                     "programmed the stored state"
                 ),
+                Ok(applied) if applied.committed && trigger == Trigger::AddressChange => info!(
+                    %family,
+                    rules_touched = applied.rules_touched,
+                    duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+                    "switched the egress decision for the address change"
+                ),
                 Ok(applied) if !applied.drift.is_empty() && applied.rules_touched > 0 => warn!(
                     %family,
                     trigger = %trigger,
-                    drift = %applied.drift.join("; "),
+                    drift = %summarise(&applied.drift),
                     rules_touched = applied.rules_touched,
                     duration_ms = started.elapsed().as_secs_f64() * 1000.0,
                     "repaired rules"
@@ -415,6 +458,7 @@ impl Engine {
                 Err(e) => failure = Some(e),
             }
         }
+        let wrote = !written.is_empty();
         match failure {
             None => {
                 self.health.reconciled(&written);
@@ -426,12 +470,14 @@ impl Engine {
                 let what = match trigger {
                     Trigger::Start => format!("programming the stored state {addrs}"),
                     Trigger::Rollback => format!("rollback to {addrs}"),
+                    Trigger::AddressChange => format!("address change of {addrs}"),
                     other => format!("repair ({other}) of {addrs}"),
                 };
                 self.health.reconcile_failed(what, Arc::new(failure));
                 self.timers.apply_failed();
             }
         }
+        wrote
     }
 
     /// The reports of a SetEgress reply, from the committed plans.
@@ -442,7 +488,8 @@ impl Engine {
     ) -> Vec<FamilyReport> {
         let mut results: std::collections::BTreeMap<Family, Reconciled> =
             results.into_iter().collect();
-        Family::ALL
+        let programmed = self.presence.programmed_pair(addrs);
+        let mut reports: Vec<FamilyReport> = Family::ALL
             .into_iter()
             .map(|family| {
                 if let Some(why) = self.table.families().unmanaged_reason(family) {
@@ -450,24 +497,28 @@ impl Engine {
                 }
                 match results.remove(&family) {
                     Some(applied) => {
-                        report::settled(self.table.mode(), family, addrs.get(family), applied)
+                        report::settled(self.table.mode(), family, programmed.get(family), applied)
                     }
                     None => report::not_applied(family),
                 }
             })
-            .collect()
+            .collect();
+        self.annotate(&mut reports, addrs);
+        reports
     }
 
-    /// Reads every family back from the kernel and reports it with `report`.
+    /// Reads every family back from the kernel and reports it with `report`, given the address
+    /// programmed for the chosen pair `addrs`.
     fn read_reports(
         &self,
         addrs: &EgressAddrs,
         report: impl Fn(Family, Option<std::net::IpAddr>, table::ReadBack) -> FamilyReport,
     ) -> Vec<FamilyReport> {
-        Family::ALL
+        let programmed = self.presence.programmed_pair(addrs);
+        let mut reports: Vec<FamilyReport> = Family::ALL
             .into_iter()
             .map(|family| {
-                let addr = addrs.get(family);
+                let addr = programmed.get(family);
                 if let Some(why) = self.table.families().unmanaged_reason(family) {
                     return report::unmanaged(family, why);
                 }
@@ -476,7 +527,9 @@ impl Engine {
                     Err(e) => report::unreadable(family, &e),
                 }
             })
-            .collect()
+            .collect();
+        self.annotate(&mut reports, addrs);
+        reports
     }
 
     /// The rules a request would program, computed from what the kernel holds now.
@@ -492,7 +545,11 @@ impl Engine {
         SetOutcome {
             addrs: request.parsed.addrs,
             generation,
-            warnings: request.parsed.warnings(),
+            warnings: [
+                request.parsed.warnings(),
+                self.absence_warnings(&request.parsed.addrs),
+            ]
+            .concat(),
             rules,
             dry_run: true,
         }
@@ -526,9 +583,21 @@ impl Engine {
             backend: self.table.backend_name(),
             backend_reason: self.backend_reason.clone(),
             drift_detection: self.describe_detection(),
+            address_presence: follow::describe(&self.address_following, self.presence.policy()),
             kernel_transactions: self.table.transactions(),
         }
     }
+}
+
+/// Drift words for one log line: the first few, and how many more (a flushed 10,000-rule
+/// chain must not log 10,000 rules).
+fn summarise(drift: &[String]) -> String {
+    const SHOWN: usize = 3;
+    let mut text = drift[..drift.len().min(SHOWN)].join("; ");
+    if drift.len() > SHOWN {
+        text.push_str(&format!("; and {} more", drift.len() - SHOWN));
+    }
+    text
 }
 
 #[cfg(test)]

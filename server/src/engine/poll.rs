@@ -9,9 +9,10 @@
 //!   is read at least every [`PollGate::backstop_interval`], or
 //! - the backend gives no shape at all;
 //!
-//! and in every case only while the [`ReadBudget`] allows: reads are paid from a bucket filled
-//! at [`POLL_CPU_SHARE`] of a core, so polling never costs more than that on average, however
-//! often the table changes. The backstop is set to spend half of the budget, which leaves the
+//! and in every case only while the [`ReadBudget`] allows: reads that find nothing to repair are
+//! paid from a bucket filled at [`POLL_CPU_SHARE`] of a core, so polling never costs more than
+//! that on average, however often other writers (kube-proxy) change the table; a read that
+//! repaired drift is free, so repairs are never rationed. The backstop is set to spend half of the budget, which leaves the
 //! other half for reads the shape asks for.
 
 use kilo_egress_api::egress::Family;
@@ -129,9 +130,18 @@ impl PollGate {
     }
 
     /// The families in `shapes` were read (with `shapes` taken before the reads), costing
-    /// `cost` in all, ending at `now`.
-    pub fn read(&mut self, shapes: &[(Family, Option<TableShape>)], cost: Duration, now: Instant) {
-        self.budget.spend(cost, now);
+    /// `cost` in all, ending at `now`. A read that found drift and `repaired` it is not paid
+    /// from the budget: repairs are the job, only reads that find nothing are overhead.
+    pub fn read(
+        &mut self,
+        shapes: &[(Family, Option<TableShape>)],
+        cost: Duration,
+        repaired: bool,
+        now: Instant,
+    ) {
+        if !repaired {
+            self.budget.spend(cost, now);
+        }
         if shapes.is_empty() {
             return;
         }
@@ -214,7 +224,7 @@ mod tests {
             "the first poll reads all"
         );
         // 20 ms per read of both families: the backstop spends half the budget, 8 s.
-        gate.read(&table, Duration::from_millis(20), start);
+        gate.read(&table, Duration::from_millis(20), false, start);
         assert_eq!(gate.backstop_interval(), Duration::from_secs(8));
         for second in 1..8 {
             assert!(
@@ -231,12 +241,13 @@ mod tests {
         let mut gate = PollGate::new(SECOND, start);
         let table = shapes(10, 5);
         gate.to_read(start, &table);
-        gate.read(&table, Duration::from_millis(20), start);
+        gate.read(&table, Duration::from_millis(20), false, start);
         let changed = shapes(9, 5);
         assert_eq!(gate.to_read(start + SECOND, &changed), vec![V4]);
         gate.read(
             &only(V4, &changed),
             Duration::from_millis(10),
+            false,
             start + SECOND,
         );
         assert!(gate.to_read(start + SECOND * 2, &changed).is_empty());
@@ -248,7 +259,7 @@ mod tests {
         let mut gate = PollGate::new(SECOND, start);
         let blind = vec![(V4, None)];
         assert_eq!(gate.to_read(start, &blind), vec![V4]);
-        gate.read(&blind, Duration::from_millis(1), start);
+        gate.read(&blind, Duration::from_millis(1), false, start);
         assert_eq!(gate.to_read(start + SECOND, &blind), vec![V4]);
     }
 
@@ -266,7 +277,7 @@ mod tests {
             let table = shapes(second, 1);
             let read = gate.to_read(now, &table);
             if !read.is_empty() {
-                gate.read(&table, cost, now);
+                gate.read(&table, cost, false, now);
                 spent += cost;
             }
         }
@@ -288,8 +299,26 @@ mod tests {
         let mut gate = PollGate::new(SECOND, start);
         let table = shapes(10, 5);
         gate.to_read(start, &table);
-        gate.read(&table, Duration::from_micros(500), start);
+        gate.read(&table, Duration::from_micros(500), false, start);
         assert_eq!(gate.backstop_interval(), SECOND);
         assert_eq!(gate.to_read(start + SECOND, &table), vec![V4, V6]);
+    }
+
+    #[test]
+    fn reads_that_repaired_drift_are_not_rationed() {
+        let start = Instant::now();
+        let mut gate = PollGate::new(SECOND, start);
+        let cost = Duration::from_millis(50);
+        // Someone flushes our chain before every poll for an hour: every poll reads and repairs.
+        for second in 0..3600u32 {
+            let now = start + Duration::from_secs(second.into());
+            let table = vec![(Family::Ipv4, Some(TableShape::for_test(second, second)))];
+            assert_eq!(
+                gate.to_read(now, &table),
+                vec![Family::Ipv4],
+                "second {second}"
+            );
+            gate.read(&table, cost, true, now);
+        }
     }
 }

@@ -29,6 +29,9 @@ pub struct FamilyReport {
     pub in_sync: bool,
     /// A short human-readable status.
     pub status: String,
+    /// Whether the chosen address is not usable on the node (absent, or IPv6 DAD pending or
+    /// failed); `status` says what is programmed meanwhile.
+    pub address_absent: bool,
 }
 
 /// The reply to a SetEgress request.
@@ -71,6 +74,8 @@ pub struct StatusReport {
     pub backend_reason: String,
     /// How drift is detected.
     pub drift_detection: String,
+    /// Whether the node's addresses are followed, and the absent-address policy.
+    pub address_presence: String,
     /// Transactions committed since start.
     pub kernel_transactions: u64,
 }
@@ -93,6 +98,7 @@ pub fn unmanaged(family: Family, why: &str) -> FamilyReport {
         rules: Vec::new(),
         in_sync: true,
         status: format!("not managed: {why}"),
+        address_absent: false,
     }
 }
 
@@ -103,6 +109,7 @@ pub fn not_applied(family: Family) -> FamilyReport {
         rules: Vec::new(),
         in_sync: false,
         status: "not applied".to_string(),
+        address_absent: false,
     }
 }
 
@@ -113,6 +120,7 @@ pub fn unreadable(family: Family, error: &dyn std::fmt::Display) -> FamilyReport
         rules: Vec::new(),
         in_sync: false,
         status: format!("cannot read the rules: {error}"),
+        address_absent: false,
     }
 }
 
@@ -196,6 +204,7 @@ pub fn preview(family: Family, read: ReadBack) -> FamilyReport {
             .collect(),
         in_sync,
         status,
+        address_absent: false,
     }
 }
 
@@ -242,6 +251,7 @@ fn family_report(
         rules,
         in_sync,
         status,
+        address_absent: false,
     }
 }
 

@@ -31,6 +31,9 @@ impl Bench<'_> {
     /// A fresh lab; for a busy node, with kube-proxy's rules installed for the backend.
     pub fn lab(&self, backend: Backend, node: Node) -> anyhow::Result<Lab> {
         let lab = Lab::new()?;
+        // The switches alternate between two addresses the node holds (an absent one would be
+        // programmed as MASQUERADE).
+        lab.node_ip(&format!("addr add {ADDR_B}/32 dev up0"))?;
         if node == Node::Busy {
             BusyNode {
                 services: self.plan.busy_services,

@@ -29,6 +29,9 @@ pub struct Idle {
     pub vm_hwm_kib: u64,
     /// RSS (VmRSS) at the end of the window.
     pub vm_rss_kib: u64,
+    /// GetRules' `drift_detection` after the window: how the daemon polls, with the measured
+    /// cost of a read and the backstop interval it chose.
+    pub drift_detection: String,
 }
 
 /// (utime + stime, cutime + cstime) of `pid`, in clock ticks.
@@ -92,22 +95,31 @@ impl Bench<'_> {
             .map(|(pid, _)| cpu_ticks(*pid))
             .collect::<anyhow::Result<_>>()?;
         let seconds = started.elapsed().as_secs_f64();
+        let mut detections = Vec::new();
+        for (_, daemon) in &daemons {
+            let mut client = self.client(daemon)?;
+            detections.push(self.get(&mut client)?.drift_detection);
+        }
         let hz = clock_ticks_per_second();
         let pct = |ticks: u64| ticks as f64 / hz / seconds * 100.0;
         Ok(configs
             .iter()
             .zip(daemons.iter().zip(before.iter().zip(&after)))
-            .map(|((backend, node, detection), ((pid, _), (b, a)))| Idle {
-                backend: backend.name().into(),
-                node: node.name().into(),
-                detection: detection.name().into(),
-                rules: self.plan.idle_rules,
-                seconds,
-                cpu_daemon_pct: pct(a.0 - b.0),
-                cpu_with_children_pct: pct(a.0 + a.1 - b.0 - b.1),
-                vm_hwm_kib: status_kib(*pid, "VmHWM"),
-                vm_rss_kib: status_kib(*pid, "VmRSS"),
-            })
+            .zip(detections)
+            .map(
+                |(((backend, node, detection), ((pid, _), (b, a))), said)| Idle {
+                    backend: backend.name().into(),
+                    node: node.name().into(),
+                    detection: detection.name().into(),
+                    rules: self.plan.idle_rules,
+                    seconds,
+                    cpu_daemon_pct: pct(a.0 - b.0),
+                    cpu_with_children_pct: pct(a.0 + a.1 - b.0 - b.1),
+                    vm_hwm_kib: status_kib(*pid, "VmHWM"),
+                    vm_rss_kib: status_kib(*pid, "VmRSS"),
+                    drift_detection: said,
+                },
+            )
             .collect())
     }
 }

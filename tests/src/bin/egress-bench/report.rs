@@ -184,6 +184,15 @@ pub fn markdown(r: &Results) -> String {
             ));
         }
         line(String::new());
+        line("What each daemon said about its drift detection after the window (GetRules):".into());
+        line(String::new());
+        for i in &r.idle {
+            line(format!(
+                "- {} {} node, {}: {}",
+                i.backend, i.node, i.detection, i.drift_detection
+            ));
+        }
+        line(String::new());
     }
     md
 }
