@@ -4,13 +4,15 @@
 //! the engine decides the desired rules ([`rules`], pure) and applies them in one transaction per
 //! family ([`netfilter`]); it keeps them in place against drift, told of changes by
 //! [`nftwatch`], and stores the accepted state ([`state`]). [`server`] puts the gRPC API, health
-//! and reflection on a socket ([`listen`]), optionally TCP with mutual TLS ([`tls`]); [`peer`]
+//! and reflection on a socket ([`listen`]; on a unix socket [`authority`] makes any client's
+//! `:authority` acceptable), optionally TCP with mutual TLS ([`tls`]); [`peer`]
 //! names each caller, [`authz`] decides who may write, [`write_limit`] bounds writes in flight,
 //! and [`audit`] logs every SetEgress. Test doubles live in `testing`, built only for tests and
 //! with the feature `test-util`.
 #![forbid(unsafe_code)]
 
 pub mod audit;
+pub mod authority;
 pub mod authz;
 pub mod claim;
 pub mod engine;
