@@ -228,8 +228,8 @@ show_switch() { # the chain right after the reply, then once the shadowed rule i
 # DEMO_CLIENT=cli makes the demo use the kilo-egress CLI even when grpcurl is there.
 set_egress() { # set_egress JSON-LIST: SetEgress through grpcurl when present, else the CLI
     if [[ ${DEMO_CLIENT:-grpcurl} != cli ]] && command -v grpcurl >/dev/null 2>&1; then
-        show_cmd "grpcurl -plaintext -unix -authority localhost -d '{\"egress_ips\": $1}' \$SOCK kilo.egress.v1.EgressService/SetEgress"
-        grpcurl -plaintext -unix -authority localhost -d "{\"egress_ips\": $1}" "$SOCK" \
+        show_cmd "grpcurl -plaintext -unix -d '{\"egress_ips\": $1}' \$SOCK kilo.egress.v1.EgressService/SetEgress"
+        grpcurl -plaintext -unix -d "{\"egress_ips\": $1}" "$SOCK" \
             kilo.egress.v1.EgressService/SetEgress | sed 's/^/    /'
     else
         local addrs

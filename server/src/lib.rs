@@ -4,8 +4,9 @@
 //! the engine decides the desired rules ([`rules`], pure) and applies them in one transaction per
 //! family ([`netfilter`]); it keeps them in place against drift, told of changes by
 //! [`nftwatch`] on nft, polling on legacy (where [`xtinfo`] says when a read is worth it), and
-//! stores the accepted state ([`state`]). [`server`] puts the gRPC API, health
-//! and reflection on a socket ([`listen`]), optionally TCP with mutual TLS ([`tls`]); [`peer`]
+//! stores the accepted state ([`state`]). [`server`] puts the gRPC API, health and reflection on
+//! a socket ([`listen`]; on a unix socket [`authority`] makes any client's `:authority`
+//! acceptable), optionally TCP with mutual TLS ([`tls`]); [`peer`]
 //! names each caller, [`authz`] decides who may write, [`write_limit`] bounds writes in flight,
 //! and [`audit`] logs every SetEgress. Test doubles live in `testing`, built only for tests and
 //! with the feature `test-util`.
@@ -14,6 +15,7 @@
 
 pub mod addrwatch;
 pub mod audit;
+pub mod authority;
 pub mod authz;
 pub mod claim;
 pub mod engine;

@@ -121,16 +121,15 @@ impl<T> PeerIo<T> {
     }
 }
 
-impl PeerIo<tokio::net::UnixStream> {
-    /// Wraps a unix connection with the credentials the kernel reports for it.
-    pub fn unix(stream: tokio::net::UnixStream) -> PeerIo<tokio::net::UnixStream> {
+impl PeerKind {
+    /// A unix connection's caller, with the credentials the kernel reports for it.
+    pub fn of_unix(stream: &tokio::net::UnixStream) -> PeerKind {
         let cred = stream.peer_cred().ok();
-        let kind = PeerKind::Unix {
+        PeerKind::Unix {
             uid: cred.map(|c| c.uid()),
             gid: cred.map(|c| c.gid()),
             pid: cred.and_then(|c| c.pid()),
-        };
-        PeerIo::new(stream, kind)
+        }
     }
 }
 

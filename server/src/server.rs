@@ -1,7 +1,7 @@
 //! The gRPC server: the EgressService behind tower layers (request timeout, concurrency limits,
 //! write limits per connection and identity, message size limit), plus `grpc.health.v1.Health`
 //! and server reflection v1 and v1alpha, on one or more listeners (unix socket, loopback TCP,
-//! mutual TLS).
+//! mutual TLS). On a unix socket any client's `:authority` is accepted ([`crate::authority`]).
 
 use kilo_egress_api::pb::egress_service_server::EgressServiceServer;
 use kilo_egress_api::{FILE_DESCRIPTOR_SET, SERVICE_NAME};
@@ -15,6 +15,7 @@ use tonic::transport::Server;
 use tonic_health::ServingStatus;
 use tracing::{info, warn};
 
+use crate::authority::AuthorityRewritingStream;
 use crate::authz::Authorizer;
 use crate::engine::EngineHandle;
 use crate::listen::{ListenAddr, ListenError, bind_unix, set_socket_group};
@@ -185,7 +186,13 @@ pub async fn serve_all(
                     set_socket_group(path, gid)?;
                 }
                 sockets.push(path.clone());
-                let incoming = UnixListenerStream::new(listener).map(|r| r.map(PeerIo::unix));
+                // Any client's `:authority` is accepted here: see crate::authority.
+                let incoming = UnixListenerStream::new(listener).map(|r| {
+                    r.map(|stream| {
+                        let kind = PeerKind::of_unix(&stream);
+                        PeerIo::new(AuthorityRewritingStream::new(stream), kind)
+                    })
+                });
                 servers.spawn(router.serve_with_incoming_shutdown(incoming, stop_signal()));
             }
             ListenAddr::Tcp(addr) => {

@@ -104,6 +104,15 @@ pub fn kill_pid(pid: u32, signal: &str) {
 /// and an error returned when it runs longer than [`COMMAND_TIMEOUT`]; a non-zero exit is not an
 /// error here (see [`Captured::ok`]).
 pub fn capture(cmd: &mut Command, stdin: Option<&str>) -> anyhow::Result<Captured> {
+    capture_within(cmd, stdin, COMMAND_TIMEOUT)
+}
+
+/// Like [`capture`], killing the command after `timeout` instead: for load runs.
+pub fn capture_within(
+    cmd: &mut Command,
+    stdin: Option<&str>,
+    timeout: Duration,
+) -> anyhow::Result<Captured> {
     let program = cmd.get_program().to_owned();
     let args: Vec<_> = cmd.get_args().map(ToOwned::to_owned).collect();
     let line = cmdline(&program, &args);
@@ -127,11 +136,11 @@ pub fn capture(cmd: &mut Command, stdin: Option<&str>) -> anyhow::Result<Capture
         }
         let _ = tx.send(child.wait_with_output());
     });
-    let output = match rx.recv_timeout(COMMAND_TIMEOUT) {
+    let output = match rx.recv_timeout(timeout) {
         Ok(output) => output.with_context(|| format!("wait for `{line}`"))?,
         Err(_) => {
             kill_pid(pid, "KILL");
-            bail!("`{line}` did not finish within {COMMAND_TIMEOUT:?} and was killed");
+            bail!("`{line}` did not finish within {timeout:?} and was killed");
         }
     };
     Ok(Captured {

@@ -388,11 +388,12 @@ impl<'lab> Daemon<'lab> {
         Ok(RulesView { raw })
     }
 
-    /// Runs `grpcurl -plaintext -unix -authority localhost FLAGS SOCKET VERB..` in the node
-    /// namespace, e.g. `grpcurl(&["-d", "{}"], &["kilo.egress.v1.EgressService/GetRules"])`.
+    /// Runs `grpcurl -plaintext -unix FLAGS SOCKET VERB..` in the node namespace, e.g.
+    /// `grpcurl(&["-d", "{}"], &["kilo.egress.v1.EgressService/GetRules"])`. No `-authority`:
+    /// grpcurl sends the socket path, which the daemon accepts on a unix socket.
     pub fn grpcurl(&self, flags: &[&str], verb: &[&str]) -> anyhow::Result<Captured> {
         let socket = self.socket.display().to_string();
-        let mut full = vec!["-plaintext", "-unix", "-authority", "localhost"];
+        let mut full = vec!["-plaintext", "-unix"];
         full.extend_from_slice(flags);
         full.push(&socket);
         full.extend_from_slice(verb);

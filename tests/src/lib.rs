@@ -119,6 +119,37 @@ pub fn require_grpcurl(test: &str) -> bool {
     found || skip_or_fail(test, "needs grpcurl")
 }
 
+/// The `node_modules` directory holding `@grpc/grpc-js` and `@grpc/proto-loader`:
+/// `KILO_NODE_MODULES` (exported by `tests/setup/node.sh`), else `target/node-clients/node_modules`
+/// where that script installs them.
+pub fn node_modules_dir() -> PathBuf {
+    std::env::var_os("KILO_NODE_MODULES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let target = bin_dir().parent().map(PathBuf::from).unwrap_or_default();
+            target.join("node-clients/node_modules")
+        })
+}
+
+/// Returns true when node can load `@grpc/grpc-js` and `@grpc/proto-loader` from
+/// [`node_modules_dir`]. Otherwise it panics when `CI=true`, or prints a loud
+/// `SKIPPED (needs node @grpc/grpc-js)` to stderr and returns false.
+pub fn require_node_grpc(test: &str) -> bool {
+    let found = std::process::Command::new("node")
+        .env("NODE_PATH", node_modules_dir())
+        .args([
+            "-e",
+            r#"require("@grpc/grpc-js"); require("@grpc/proto-loader")"#,
+        ])
+        .output()
+        .is_ok_and(|out| out.status.success());
+    found
+        || skip_or_fail(
+            test,
+            "needs node with @grpc/grpc-js and @grpc/proto-loader (tests/setup/node.sh)",
+        )
+}
+
 /// Calls `cond` until it returns true or `timeout` has passed, pausing [`POLL_INTERVAL`] between
 /// attempts. Returns whether `cond` became true. `cond` is always called at least once, and once
 /// more after the deadline passed, so a slow machine does not lose the last attempt.

@@ -178,7 +178,8 @@ fn an_address_moved_between_interfaces_costs_nothing(family: Family, backend: Ba
     let settled = d.must(d.get_rules()).kernel_transactions();
     let nodad = if family == Family::V6 { " nodad" } else { "" };
     // A second interface of the node (veth: this kernel may have no dummy module).
-    lab.node_ip("link add egress1 type veth peer name egress1p").unwrap();
+    lab.node_ip("link add egress1 type veth peer name egress1p")
+        .unwrap();
     lab.node_ip("link set egress1 up").unwrap();
     lab.node_ip(&format!(
         "addr add {} dev egress1{nodad}",
@@ -267,7 +268,11 @@ fn a_tentative_ipv6_address_waits_for_dad(backend: Backend) {
     let d = lab.start_daemon(DaemonConfig::own(backend)).unwrap();
     d.must(d.cli_ok(&["set", family.preferred()]));
     // The lab turns DAD off for its own addresses; this interface does it again.
-    let out = d.must(lab.exec(&lab.node, "sysctl", &["-w", "net.ipv6.conf.up0.accept_dad=1"]));
+    let out = d.must(lab.exec(
+        &lab.node,
+        "sysctl",
+        &["-w", "net.ipv6.conf.up0.accept_dad=1"],
+    ));
     assert!(out.success(), "{out}");
     lab.node_ip(&format!("addr del {} dev up0", preferred_cidr(family)))
         .unwrap();
