@@ -340,7 +340,8 @@ snat_placed() {
     mapfile -t rules < <(kg_chain)
     n=${#rules[@]}
     ((n >= 2)) || return 1
-    [[ ${rules[n - 1]} == *"$MASQ_RULE" && ${rules[n - 2]} == *'--comment "kilo-egress:'*" -j SNAT --to-source $1" ]] ||
+    local snat=${rules[n - 2]% --random-fully} # kilo-egressd adds it where iptables supports it
+    [[ ${rules[n - 1]} == *"$MASQ_RULE" && $snat == *'--comment "kilo-egress:'*" -j SNAT --to-source $1" ]] ||
         return 1
     ours=$(printf '%s\n' "${rules[@]}" | grep -c -- '--comment "kilo-egress:' || true)
     ((ours == 1))

@@ -9,7 +9,7 @@ use kilo_egressd::claim;
 use kilo_egressd::engine::presence::AbsentPolicy;
 use kilo_egressd::engine::{self, Engine, EngineConfig};
 use kilo_egressd::listen::ListenAddr;
-use kilo_egressd::netfilter::{BackendChoice, IptablesCli, choose_backend};
+use kilo_egressd::netfilter::{self, Backend, BackendChoice, IptablesCli, choose_backend};
 use kilo_egressd::rules::{ModeConfig, family_of_net};
 use kilo_egressd::server::{self, Limits};
 use kilo_egressd::state::StateStore;
@@ -109,6 +109,11 @@ struct RunArgs {
     /// with another address, and none gets replies meanwhile).
     #[arg(long, env = "KILO_EGRESS_ABSENT_ADDRESS", value_enum, default_value_t = AbsentPolicy::Masquerade)]
     absent_address: AbsentPolicy,
+    /// Our SNAT and MASQUERADE rules carry `--random-fully` (source ports picked fully at random,
+    /// as kube-proxy and Calico do against port collisions). Default: on when iptables accepts it
+    /// (detected once at start); `=false` turns it off; `=true` fails at start when unsupported.
+    #[arg(long, env = "KILO_EGRESS_RANDOM_FULLY", num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
+    random_fully: Option<bool>,
     /// How often the rules are checked and repaired when the kernel sends no change
     /// notifications (legacy backend, or --kernel-notifications=false); on legacy each check
     /// looks at the table's shape and reads the chains only when needed.
@@ -120,6 +125,32 @@ struct RunArgs {
     /// With change notifications, the rules are still re-read this often, as a safety net.
     #[arg(long, env = "KILO_EGRESS_SAFETY_CHECK_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
     safety_check_interval: Duration,
+}
+
+/// Whether our rules carry `--random-fully`, and why: as asked, or as detected.
+fn random_fully_setting(
+    asked: Option<bool>,
+    backend: Backend,
+    families: &[Family],
+) -> anyhow::Result<(bool, String)> {
+    let detected = || netfilter::detect_random_fully(backend, families);
+    Ok(match asked {
+        Some(false) => (false, "off (--random-fully=false)".to_string()),
+        Some(true) => match detected() {
+            Ok(()) => (true, "on (--random-fully=true)".to_string()),
+            Err(why) => anyhow::bail!(
+                "--random-fully=true, but this iptables does not support it: {why}; \
+                 omit the flag to use it only where supported, or set --random-fully=false"
+            ),
+        },
+        None => match detected() {
+            Ok(()) => (
+                true,
+                "on (detected: iptables-restore accepts --random-fully)".to_string(),
+            ),
+            Err(why) => (false, format!("off (not supported here: {why})")),
+        },
+    })
 }
 
 fn parse_family(text: &str) -> Result<Family, String> {
@@ -247,6 +278,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         backend_reason = %backend_reason,
         "starting kilo-egressd"
     );
+    let (random_fully, random_fully_reason) =
+        random_fully_setting(args.random_fully, backend, &args.ip_families)?;
+    info!(random_fully, reason = %random_fully_reason, "--random-fully");
     let config = EngineConfig {
         mode,
         resync_interval: args.resync_interval,
@@ -257,6 +291,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         families: args.ip_families.clone(),
         follow_addresses: true,
         absent_address: args.absent_address,
+        random_fully,
+        random_fully_reason,
     };
     let (handle, _engine) = tokio::task::spawn_blocking(move || {
         Engine::start(config, netfilter, StateStore::new(&args.common.state_dir))

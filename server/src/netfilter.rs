@@ -424,6 +424,37 @@ impl Netfilter for IptablesCli {
     }
 }
 
+/// Whether `iptables-restore` of `backend` accepts `--random-fully` for every family in
+/// `families`: one `--test` run per family (parsed and checked, never committed) of a throwaway
+/// chain with `-j MASQUERADE --random-fully`. `Err` says which tool refused it and how.
+pub fn detect_random_fully(backend: Backend, families: &[Family]) -> Result<(), String> {
+    const PROBE: &str = "*nat\n:KILO-EGRESS-PROBE - [0:0]\n-A KILO-EGRESS-PROBE -j MASQUERADE --random-fully\nCOMMIT\n";
+    for family in families {
+        let command = backend.restore_command(*family);
+        let mut child = Command::new(command)
+            .args(["--test", "--noflush", "--wait", "10"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("{command}: {e}"))?;
+        if let Some(mut stdin) = child.stdin.take() {
+            let _ = stdin.write_all(PROBE.as_bytes());
+        }
+        let output = child
+            .wait_with_output()
+            .map_err(|e| format!("{command}: {e}"))?;
+        if !output.status.success() {
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            return Err(format!(
+                "{command} --test refused it: {}",
+                stderr.lines().next().unwrap_or("no message").trim()
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Finds "line N" in a restore error and shows that input line with two lines around it.
 pub fn failing_line_context(stderr: &str, input: &str) -> String {
     let words: Vec<&str> = stderr.split_whitespace().collect();

@@ -96,6 +96,7 @@ pub fn rules_response(report: &StatusReport) -> pb::GetRulesResponse {
         backend_reason: report.backend_reason.clone(),
         drift_detection: report.drift_detection.clone(),
         address_presence: report.address_presence.clone(),
+        random_fully: report.random_fully.clone(),
         kernel_transactions: report.kernel_transactions,
         last_write_failure: report
             .last_write_failure

@@ -33,6 +33,8 @@ impl EngineConfig {
             families: Family::ALL.to_vec(),
             follow_addresses: false,
             absent_address: AbsentPolicy::Masquerade,
+            random_fully: false,
+            random_fully_reason: "off (test)".into(),
         }
     }
 }

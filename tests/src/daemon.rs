@@ -542,6 +542,11 @@ impl RulesView {
             .unwrap_or(false)
     }
 
+    /// Whether our SNAT and MASQUERADE rules carry `--random-fully`, and why.
+    pub fn random_fully(&self) -> &str {
+        self.raw["randomFully"].as_str().unwrap_or_default()
+    }
+
     /// Whether the service follows the node's addresses, and its absent-address policy.
     pub fn address_presence(&self) -> &str {
         self.raw["addressPresence"].as_str().unwrap_or_default()

@@ -215,7 +215,7 @@ pub fn snat_before_masquerade_problem(
     }
     let snat = &chain[chain.len() - 2];
     if !(snat.contains("--comment \"kilo-egress:")
-        && snat.ends_with(&format!("-j SNAT --to-source {addr}")))
+        && crate::decision(snat).ends_with(&format!("-j SNAT --to-source {addr}")))
     {
         return Some(format!(
             "the rule before MASQUERADE is not our SNAT to {addr}: {snat}"

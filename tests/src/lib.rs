@@ -215,6 +215,12 @@ macro_rules! for_each_backend {
     };
 }
 
+/// A rule of `iptables -S` without a trailing `--random-fully`, so checks of a SNAT or
+/// MASQUERADE decision hold whether kilo-egressd uses it (the default where supported) or not.
+pub fn decision(rule: &str) -> &str {
+    rule.strip_suffix(" --random-fully").unwrap_or(rule)
+}
+
 /// Generates one `#[test]` per backend and family for a test case
 /// `fn case(family: Family, backend: Backend)`: `for_each_variant!(case: nft, legacy);` defines
 /// `case::nft::ipv4`, `case::nft::ipv6`, `case::legacy::ipv4` and `case::legacy::ipv6`. Each test

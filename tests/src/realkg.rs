@@ -238,7 +238,8 @@ pub fn is_kg(rule: &str) -> bool {
 
 /// True for kg's `Kilo: NAT remaining packets` MASQUERADE rule.
 pub fn is_kg_masquerade(rule: &str) -> bool {
-    rule.contains(&format!("--comment \"{MASQUERADE_COMMENT}\"")) && rule.ends_with("-j MASQUERADE")
+    rule.contains(&format!("--comment \"{MASQUERADE_COMMENT}\""))
+        && crate::decision(rule).ends_with("-j MASQUERADE")
 }
 
 /// True for a RETURN rule of kg's.
@@ -275,7 +276,7 @@ pub fn placement_problem(
     if owned.len() != 1 {
         return Some(format!("{} rules of kilo-egressd, expected 1", owned.len()));
     }
-    if !owned[0].ends_with(&format!("-j SNAT --to-source {addr}")) {
+    if !crate::decision(owned[0]).ends_with(&format!("-j SNAT --to-source {addr}")) {
         return Some(format!("our rule is not SNAT to {addr}: {}", owned[0]));
     }
     if !chain.last().is_some_and(|r| is_kg_masquerade(r)) {

@@ -253,7 +253,7 @@ fn set_with_an_absent_address_warns_and_masquerades(family: Family, backend: Bac
         d.get_rules().is_ok_and(|v| {
             v.specs(family)
                 .iter()
-                .any(|s| s.ends_with(&format!("--to-source {absent}")))
+                .any(|s| kilo_egress_tests::decision(s).ends_with(&format!("--to-source {absent}")))
         })
     });
     assert!(snat, "{:#}", d.must(d.get_rules()).raw);

@@ -66,7 +66,8 @@ fn grpcurl_dry_run_reports_rules_and_changes_nothing(backend: Backend) {
         assert!(
             view.specs(family)
                 .iter()
-                .any(|s| s.ends_with(&format!("-j SNAT --to-source {addr}"))),
+                .any(|s| kilo_egress_tests::decision(s)
+                    .ends_with(&format!("-j SNAT --to-source {addr}"))),
             "the dry run shows SNAT to {addr}: {:#}",
             view.raw
         );

@@ -92,7 +92,8 @@ fn grpcurl_set_egress_switches_source_for_both_families_and_back(backend: Backen
         assert!(
             set.specs(family)
                 .iter()
-                .any(|s| s.ends_with(&format!("-j SNAT --to-source {}", family.preferred()))),
+                .any(|s| kilo_egress_tests::decision(s)
+                    .ends_with(&format!("-j SNAT --to-source {}", family.preferred()))),
             "the reply shows the programmed SNAT rule: {:#}",
             set.raw
         );

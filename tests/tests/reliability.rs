@@ -66,7 +66,8 @@ fn decision(chain: &[String], returns: usize) -> Result<String, String> {
     rest.first()
         .filter(|r| r.contains("kilo-egress:"))
         .map(|r| {
-            r.rsplit_once("--to-source ")
+            kilo_egress_tests::decision(r)
+                .rsplit_once("--to-source ")
                 .map_or("MASQUERADE".to_string(), |(_, a)| a.to_string())
         })
         .ok_or_else(|| format!("no decision after the RETURN rules: {:?}", rest.first()))

@@ -71,6 +71,10 @@ pub struct EngineConfig {
     pub follow_addresses: bool,
     /// What to program while a chosen address is not on the node (`--absent-address`).
     pub absent_address: AbsentPolicy,
+    /// Whether our SNAT and MASQUERADE rules carry `--random-fully`.
+    pub random_fully: bool,
+    /// Why (`--random-fully`, detected, or not supported), for GetRules.
+    pub random_fully_reason: String,
 }
 
 /// A validated SetEgress request.
@@ -158,6 +162,8 @@ pub struct Engine {
     presence: AddressPresence,
     /// Whether the node's addresses are followed, or why not.
     address_following: Result<(), String>,
+    /// Whether our rules carry `--random-fully`, and why (GetRules).
+    random_fully: String,
 }
 
 impl Engine {
@@ -170,7 +176,8 @@ impl Engine {
         store: StateStore,
     ) -> (EngineHandle, std::thread::JoinHandle<()>) {
         let families = ManagedFamilies::new(&config.families, &config.mode);
-        let table = NatTable::new(config.mode, families, netfilter);
+        let table =
+            NatTable::new(config.mode, families, netfilter).with_random_fully(config.random_fully);
         let (state, unsaved) = recovery::load_state(&store, &table);
         let (commands, inbox) = mpsc::channel();
         // Subscribe before the first read, so no change between that read and the
@@ -230,6 +237,7 @@ impl Engine {
             poll: PollGate::new(config.resync_interval, Instant::now()),
             presence,
             address_following,
+            random_fully: config.random_fully_reason,
         };
         if let Some(e) = unsaved {
             engine
@@ -237,7 +245,13 @@ impl Engine {
                 .save_failed(format!("writing a new state file for {}", state.addrs), &e);
         }
         engine.table.remove_leftovers();
+        let started = Instant::now();
         engine.resync(Trigger::Start);
+        // The start read every family: polling's first baseline and first cost figure.
+        engine.table.take_written_shapes();
+        engine
+            .poll
+            .read(&engine.shapes(), started.elapsed(), false, Instant::now());
         engine.timers.checked();
         let thread = std::thread::Builder::new()
             .name("egress-engine".into())
@@ -371,13 +385,10 @@ impl Engine {
         if !self.timers.is_polling() {
             return self.resync(Trigger::DriftCheck);
         }
-        let shapes: Vec<_> = self
-            .table
-            .families()
-            .managed()
-            .into_iter()
-            .map(|family| (family, self.table.shape(family)))
-            .collect();
+        for (family, shape) in self.table.take_written_shapes() {
+            self.poll.wrote(family, shape);
+        }
+        let shapes = self.shapes();
         let families = self.poll.to_read(Instant::now(), &shapes);
         if families.is_empty() {
             return;
@@ -390,6 +401,13 @@ impl Engine {
         let repaired = self.reconcile_logged(families, Trigger::DriftCheck);
         self.poll
             .read(&read, started.elapsed(), repaired, Instant::now());
+    }
+
+    /// Each managed family's table shape now ([`NatTable::shape`]).
+    fn shapes(&self) -> Vec<(Family, Option<crate::xtinfo::TableShape>)> {
+        (self.table.families().managed().into_iter())
+            .map(|family| (family, self.table.shape(family)))
+            .collect()
     }
 
     /// How drift is found, in words (GetRules).
@@ -584,6 +602,7 @@ impl Engine {
             backend_reason: self.backend_reason.clone(),
             drift_detection: self.describe_detection(),
             address_presence: follow::describe(&self.address_following, self.presence.policy()),
+            random_fully: self.random_fully.clone(),
             kernel_transactions: self.table.transactions(),
         }
     }

@@ -161,6 +161,13 @@ impl PollGate {
         }
     }
 
+    /// We wrote `family` ourselves and the table then had `shape`: what we wrote is known, so
+    /// that change costs no read. (A foreign change within the same instant would wait for the
+    /// backstop read.)
+    pub fn wrote(&mut self, family: Family, shape: TableShape) {
+        self.read_at_shape.insert(family, Some(shape));
+    }
+
     /// Forgets every shape, so the next poll reads every family (budget permitting): after a
     /// change of detection or when what the table knew was dropped.
     pub fn forget(&mut self) {

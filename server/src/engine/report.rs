@@ -76,6 +76,8 @@ pub struct StatusReport {
     pub drift_detection: String,
     /// Whether the node's addresses are followed, and the absent-address policy.
     pub address_presence: String,
+    /// Whether our SNAT and MASQUERADE rules carry `--random-fully`, and why.
+    pub random_fully: String,
     /// Transactions committed since start.
     pub kernel_transactions: u64,
 }

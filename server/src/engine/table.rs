@@ -94,6 +94,10 @@ pub struct NatTable {
     pending_tidy: Vec<PendingTidy>,
     /// Committed transactions since start.
     transactions: u64,
+    /// Whether our SNAT and MASQUERADE rules carry `--random-fully`.
+    random_fully: bool,
+    /// The table's shape right after each of our writes since [`NatTable::take_written_shapes`].
+    written_shapes: BTreeMap<Family, TableShape>,
 }
 
 impl NatTable {
@@ -112,7 +116,21 @@ impl NatTable {
             own_writers: VecDeque::new(),
             pending_tidy: Vec::new(),
             transactions: 0,
+            random_fully: false,
+            written_shapes: BTreeMap::new(),
         }
+    }
+
+    /// The table's shape right after our last write of each family written since the last
+    /// call (legacy only): what polling may take as read, since the table knows what it wrote.
+    pub fn take_written_shapes(&mut self) -> BTreeMap<Family, TableShape> {
+        std::mem::take(&mut self.written_shapes)
+    }
+
+    /// The same table, writing our SNAT and MASQUERADE rules with `--random-fully` when `on`.
+    pub fn with_random_fully(mut self, on: bool) -> NatTable {
+        self.random_fully = on;
+        self
     }
 
     /// Who writes the chain.
@@ -166,6 +184,9 @@ impl NatTable {
     fn desire(&self, family: Family, addr: Option<IpAddr>, observed: &Observed) -> Desired {
         match self.families.unmanaged_reason(family) {
             Some(why) => rules::without_owned_rules(observed, why.to_string()),
+            None if self.random_fully => {
+                rules::desired(&self.mode, family, addr, observed).with_random_fully()
+            }
             None => rules::desired(&self.mode, family, addr, observed),
         }
     }
@@ -231,6 +252,10 @@ impl NatTable {
         match self.netfilter.restore(family, &input) {
             Ok(()) => {
                 self.transactions += 1;
+                // Our own write changes the table's shape: polling must not pay a read for it.
+                if let Some(shape) = self.netfilter.table_shape(family) {
+                    self.written_shapes.insert(family, shape);
+                }
                 if let Some(writer) = self.netfilter.last_writer() {
                     if self.own_writers.len() >= OWN_WRITERS_KEPT {
                         self.own_writers.pop_front();

@@ -14,6 +14,8 @@ pub const POSTROUTING: &str = "POSTROUTING";
 pub const OWNED_COMMENT_PREFIX: &str = "kilo-egress:";
 
 const COMMENT_SNAT: &str = "kilo-egress: SNAT to the chosen egress address";
+/// The option that makes SNAT and MASQUERADE pick source ports fully at random.
+const RANDOM_FULLY: &str = " --random-fully";
 const COMMENT_MASQUERADE: &str = "kilo-egress: no egress address chosen, MASQUERADE";
 const COMMENT_RETURN: &str = "kilo-egress: do not NAT this destination";
 const COMMENT_JUMP: &str = "kilo-egress: jump to KILO-NAT";
@@ -70,8 +72,21 @@ impl Rule {
         if !self.is_owned() || self.target().as_deref() != Some("SNAT") {
             return None;
         }
-        let addr: IpAddr = self.args.rsplit_once(" --to-source ")?.1.parse().ok()?;
-        (*self == snat_rule(addr)).then_some(addr)
+        let to = self.args.rsplit_once(" --to-source ")?.1;
+        let addr: IpAddr = to.strip_suffix(RANDOM_FULLY).unwrap_or(to).parse().ok()?;
+        let plain = snat_rule(addr);
+        (*self == plain || *self == plain.clone().with_random_fully()).then_some(addr)
+    }
+
+    /// This rule with `--random-fully` when it is a SNAT or MASQUERADE rule of ours (what
+    /// `iptables -S` prints last for those targets); any other rule unchanged. kube-proxy and
+    /// Calico use it against SNAT source-port collisions.
+    pub fn with_random_fully(self) -> Rule {
+        let decision = matches!(self.target().as_deref(), Some("SNAT" | "MASQUERADE"));
+        if !self.is_owned() || !decision || self.args.ends_with(RANDOM_FULLY) {
+            return self;
+        }
+        Rule::new(&self.chain, format!("{}{RANDOM_FULLY}", self.args))
     }
 
     /// True when the service wrote this rule (its comment carries the owned prefix).
@@ -285,6 +300,28 @@ mod tests {
                 .and_then(|i| tokens.get(i + 1));
             assert_eq!(rule.target().as_ref(), slow, "{args}: same as tokenizing");
         }
+    }
+
+    #[test]
+    fn random_fully_goes_on_our_decision_rules_only() {
+        let ours = snat_rule("198.51.100.20".parse().unwrap()).with_random_fully();
+        assert!(
+            ours.spec()
+                .ends_with("-j SNAT --to-source 198.51.100.20 --random-fully")
+        );
+        assert_eq!(ours.owned_snat_source(), "198.51.100.20".parse().ok());
+        assert_eq!(ours.clone().with_random_fully(), ours, "applied once");
+        assert!(
+            masquerade_rule()
+                .with_random_fully()
+                .spec()
+                .ends_with("-j MASQUERADE --random-fully")
+        );
+        let kg =
+            rule(r#"-A KILO-NAT -m comment --comment "Kilo: NAT remaining packets" -j MASQUERADE"#);
+        assert_eq!(kg.clone().with_random_fully(), kg, "kg's rule is kg's");
+        let ret = return_rule("10.4.0.0/16".parse().unwrap());
+        assert_eq!(ret.clone().with_random_fully(), ret);
     }
 
     #[test]

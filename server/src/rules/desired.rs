@@ -79,6 +79,17 @@ pub struct Desired {
     pub waiting: Option<String>,
 }
 
+impl Desired {
+    /// The same state with `--random-fully` on our SNAT or MASQUERADE rule (kg's MASQUERADE,
+    /// in kilo mode, is Kilo's and stays as it is).
+    pub fn with_random_fully(mut self) -> Desired {
+        if let Some(chain) = self.kilo_nat.take() {
+            self.kilo_nat = Some(chain.into_iter().map(Rule::with_random_fully).collect());
+        }
+        self
+    }
+}
+
 /// The desired state of a family the service does not manage: none of its own rules (left over
 /// from an earlier configuration or mode), everything else as it is.
 pub fn without_owned_rules(observed: &Observed, why: String) -> Desired {

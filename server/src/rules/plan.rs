@@ -634,6 +634,51 @@ mod tests {
                 postrouting: vec![],
             }
         };
+        let randomly = |mut observed: Observed| {
+            observed.kilo_nat = observed
+                .kilo_nat
+                .map(|chain| chain.into_iter().map(Rule::with_random_fully).collect());
+            observed
+        };
+        // `--random-fully` on (the default where iptables supports it): our SNAT or MASQUERADE
+        // carries it, kg's MASQUERADE does not.
+        let random_fully_cases: Vec<(&str, ModeConfig, Family, Option<IpAddr>, Observed)> = vec![
+            (
+                "own_ipv4_fresh_snat_random_fully",
+                own(),
+                Family::Ipv4,
+                Some(v4),
+                fresh.clone(),
+            ),
+            (
+                "own_ipv6_fresh_masquerade_random_fully",
+                own(),
+                Family::Ipv6,
+                None,
+                fresh.clone(),
+            ),
+            (
+                "own_ipv4_switch_masquerade_to_snat_random_fully",
+                own(),
+                Family::Ipv4,
+                Some(v4),
+                randomly(own_settled(None)),
+            ),
+            (
+                "kilo_ipv4_insert_snat_random_fully",
+                ModeConfig::Kilo,
+                Family::Ipv4,
+                Some(v4),
+                kg4.clone(),
+            ),
+            (
+                "kilo_ipv4_switch_snat_random_fully",
+                ModeConfig::Kilo,
+                Family::Ipv4,
+                Some(v4),
+                randomly(kg_with_snat("198.51.100.99")),
+            ),
+        ];
         let cases: Vec<(&str, ModeConfig, Family, Option<IpAddr>, Observed)> = vec![
             (
                 "own_ipv4_switch_masquerade_to_snat",
@@ -722,8 +767,13 @@ mod tests {
         ];
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/golden");
         let update = std::env::var_os("UPDATE_GOLDEN").is_some();
-        for (name, mode, family, addr, observed) in cases {
-            let want = desired(&mode, family, addr, &observed);
+        let all = (cases.into_iter().map(|case| (case, false)))
+            .chain(random_fully_cases.into_iter().map(|case| (case, true)));
+        for ((name, mode, family, addr, observed), random_fully) in all {
+            let mut want = desired(&mode, family, addr, &observed);
+            if random_fully {
+                want = want.with_random_fully();
+            }
             let plan = plan(&mode, &observed, &want);
             let rendered = format!(
                 "# desired chain\n{}\n# commit (before the reply)\n{}# tidy (after the reply)\n{}",
