@@ -75,7 +75,7 @@ pub struct FakeNetfilter {
     /// nf_tables kernel does, once the engine has subscribed.
     announces_changes: bool,
     subscriber: Mutex<Option<ChangeForwarder>>,
-    /// Set by [`FakeNetfilter::with_table_shapes`]: what every chain read costs, and that the
+    /// Set by [`FakeNetfilter::with_table_shapes`]: the CPU every chain read burns, and that the
     /// table has a shape, as x_tables does.
     shaped_reads: Option<Duration>,
 }
@@ -108,8 +108,8 @@ impl FakeNetfilter {
     }
 
     /// Like [`FakeNetfilter::new`], but giving the table's shape (rule count and total length,
-    /// so a same-length replacement goes unseen, as on x_tables) and spending `read_cost` on
-    /// every chain read, as a busy legacy node does.
+    /// so a same-length replacement goes unseen, as on x_tables) and burning `read_cost` of CPU
+    /// on every chain read, as a busy legacy node does.
     pub fn with_table_shapes(read_cost: Duration) -> FakeNetfilter {
         FakeNetfilter {
             shaped_reads: Some(read_cost),
@@ -297,8 +297,11 @@ impl Netfilter for FakeNetfilter {
     ) -> Result<Option<Vec<ObservedRule>>, NetfilterError> {
         self.reads.fetch_add(1, Ordering::SeqCst);
         if let Some(cost) = self.shaped_reads {
-            // The cost of copying a large table, which is what polling must avoid.
-            std::thread::sleep(cost);
+            // The CPU cost of copying a large table, which is what polling must avoid.
+            let started = std::time::Instant::now();
+            while started.elapsed() < cost {
+                std::hint::spin_loop();
+            }
         }
         Ok(self
             .chain(family, chain)

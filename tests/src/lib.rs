@@ -215,6 +215,18 @@ macro_rules! for_each_backend {
     };
 }
 
+/// How long a polling daemon may take to see a change that leaves the table's shape as it was
+/// (a rule replaced by one of the same size, or rules reordered): its backstop read interval, as
+/// GetRules' `drift_detection` states it ("... at least every 4.8 s ..."); zero when it states
+/// none (notifications, or a poll that reads every time).
+pub fn backstop_read_interval(drift_detection: &str) -> Duration {
+    drift_detection
+        .split_once("at least every ")
+        .and_then(|(_, rest)| rest.split_once(" s"))
+        .and_then(|(secs, _)| secs.parse::<f64>().ok())
+        .map_or(Duration::ZERO, Duration::from_secs_f64)
+}
+
 /// A rule of `iptables -S` without a trailing `--random-fully`, so checks of a SNAT or
 /// MASQUERADE decision hold whether kilo-egressd uses it (the default where supported) or not.
 pub fn decision(rule: &str) -> &str {

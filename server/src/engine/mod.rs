@@ -40,7 +40,7 @@ use crate::rules::ModeConfig;
 use crate::state::{StateStore, StoredState};
 use families::ManagedFamilies;
 use health::ApplyHealth;
-use poll::PollGate;
+use poll::{CostMeter, PollGate};
 use presence::{AbsentPolicy, AddressPresence};
 use table::{Freshness, NatTable, Reconciled};
 use timers::{DriftDetection, Due, SystemClock, Timers};
@@ -245,13 +245,12 @@ impl Engine {
                 .save_failed(format!("writing a new state file for {}", state.addrs), &e);
         }
         engine.table.remove_leftovers();
-        let started = Instant::now();
+        let meter = CostMeter::start();
         engine.resync(Trigger::Start);
         // The start read every family: polling's first baseline and first cost figure.
         engine.table.take_written_shapes();
-        engine
-            .poll
-            .read(&engine.shapes(), started.elapsed(), false, Instant::now());
+        let shapes = engine.shapes();
+        engine.poll.baseline(&shapes, meter.cost(), Instant::now());
         engine.timers.checked();
         let thread = std::thread::Builder::new()
             .name("egress-engine".into())
@@ -397,10 +396,10 @@ impl Engine {
             .into_iter()
             .filter(|(family, _)| families.contains(family))
             .collect();
-        let started = Instant::now();
+        let meter = CostMeter::start();
         let repaired = self.reconcile_logged(families, Trigger::DriftCheck);
         self.poll
-            .read(&read, started.elapsed(), repaired, Instant::now());
+            .read(&read, meter.cost(), repaired, Instant::now());
     }
 
     /// Each managed family's table shape now ([`NatTable::shape`]).

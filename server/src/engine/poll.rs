@@ -12,8 +12,8 @@
 //! and in every case only while the [`ReadBudget`] allows: reads that find nothing to repair are
 //! paid from a bucket filled at [`POLL_CPU_SHARE`] of a core, so polling never costs more than
 //! that on average, however often other writers (kube-proxy) change the table; a read that
-//! repaired drift is free, so repairs are never rationed. The backstop is set to spend half of the budget, which leaves the
-//! other half for reads the shape asks for.
+//! repaired drift is free, so repairs are never rationed. The backstop is set to spend [`BACKSTOP_SHARE`] of the budget,
+//! which leaves the rest for reads the shape asks for.
 
 use kilo_egress_api::egress::Family;
 use std::collections::BTreeMap;
@@ -24,9 +24,56 @@ use crate::xtinfo::TableShape;
 /// The share of one core that polling may spend on reads, on average.
 pub const POLL_CPU_SHARE: f64 = 0.005;
 
+/// The part of the budget the backstop reads may spend; reads the shape asks for get the rest
+/// (and whatever the backstop leaves unspent, up to [`BUDGET_SAVINGS`]).
+pub const BACKSTOP_SHARE: f64 = 0.8;
+
 /// How much unspent budget may pile up, in seconds of refill: after a quiet period a burst of
 /// changes is read at once, up to this much.
 const BUDGET_SAVINGS: Duration = Duration::from_secs(120);
+
+/// A point to measure the cost of reads from: the CPU time of this thread (parsing) and of the
+/// child processes it ran and reaped (the iptables tools), which is what a share of a core is
+/// about; a busy machine does not inflate it as it does wall time.
+#[derive(Debug, Clone, Copy)]
+pub struct CostMeter {
+    cpu: Option<Duration>,
+    wall: Instant,
+}
+
+impl CostMeter {
+    /// Starts measuring now.
+    pub fn start() -> CostMeter {
+        CostMeter {
+            cpu: cpu_so_far(),
+            wall: Instant::now(),
+        }
+    }
+
+    /// The CPU time spent since [`CostMeter::start`] (wall time if it cannot be read).
+    pub fn cost(&self) -> Duration {
+        match (self.cpu, cpu_so_far()) {
+            (Some(before), Some(now)) => now.saturating_sub(before),
+            _ => self.wall.elapsed(),
+        }
+    }
+}
+
+/// User and system time of the calling thread plus that of every reaped child of the process.
+/// Only the engine thread runs iptables tools, so a difference taken on it is its reads' cost.
+fn cpu_so_far() -> Option<Duration> {
+    use nix::sys::resource::{UsageWho, getrusage};
+    let total = |who| {
+        getrusage(who).ok().map(|usage| {
+            let micros = |t: nix::sys::time::TimeVal| {
+                Duration::from_secs(t.tv_sec().max(0) as u64)
+                    + Duration::from_micros(t.tv_usec().max(0) as u64)
+            };
+            micros(usage.user_time()) + micros(usage.system_time())
+        })
+    };
+    Some(total(UsageWho::RUSAGE_THREAD)? + total(UsageWho::RUSAGE_CHILDREN)?)
+}
 
 /// Reads are paid from here: it fills at `share` of a core up to a cap, and a read may start
 /// whenever the balance is positive (the balance may go negative by the cost of that read).
@@ -95,9 +142,11 @@ impl PollGate {
     }
 
     /// Every family is read at least this often: the poll interval, or longer when reads are so
-    /// dear that backstop reads alone would spend more than half of the budget.
+    /// dear that backstop reads alone would spend more than [`BACKSTOP_SHARE`] of the budget.
     pub fn backstop_interval(&self) -> Duration {
-        let budgeted = self.read_cost.mul_f64(2.0 / POLL_CPU_SHARE);
+        let budgeted = self
+            .read_cost
+            .mul_f64(1.0 / (BACKSTOP_SHARE * POLL_CPU_SHARE));
         self.poll_interval.max(budgeted)
     }
 
@@ -159,6 +208,21 @@ impl PollGate {
         if shapes.len() as u32 >= families_known {
             self.last_full_read = Some(now);
         }
+    }
+
+    /// The start read every family in `shapes` at a cost of `cost`: the first baseline and cost
+    /// figure, not paid from the budget.
+    pub fn baseline(
+        &mut self,
+        shapes: &[(Family, Option<TableShape>)],
+        cost: Duration,
+        now: Instant,
+    ) {
+        for (family, shape) in shapes {
+            self.read_at_shape.insert(*family, *shape);
+        }
+        self.read_cost = cost;
+        self.last_full_read = Some(now);
     }
 
     /// We wrote `family` ourselves and the table then had `shape`: what we wrote is known, so
@@ -230,16 +294,16 @@ mod tests {
             vec![V4, V6],
             "the first poll reads all"
         );
-        // 20 ms per read of both families: the backstop spends half the budget, 8 s.
+        // 20 ms per read of both families: the backstop spends 80 % of the budget, every 5 s.
         gate.read(&table, Duration::from_millis(20), false, start);
-        assert_eq!(gate.backstop_interval(), Duration::from_secs(8));
-        for second in 1..8 {
+        assert_eq!(gate.backstop_interval(), Duration::from_secs(5));
+        for second in 1..5 {
             assert!(
                 gate.to_read(start + SECOND * second, &table).is_empty(),
                 "second {second}"
             );
         }
-        assert_eq!(gate.to_read(start + SECOND * 8, &table), vec![V4, V6]);
+        assert_eq!(gate.to_read(start + SECOND * 5, &table), vec![V4, V6]);
     }
 
     #[test]
@@ -327,5 +391,21 @@ mod tests {
             );
             gate.read(&table, cost, true, now);
         }
+    }
+
+    #[test]
+    fn the_cpu_of_reaped_children_is_measured() {
+        let meter = CostMeter::start();
+        // A child that burns about 50 ms of CPU.
+        std::process::Command::new("sh")
+            .args(["-c", "i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done"])
+            .status()
+            .unwrap();
+        assert!(cpu_so_far().is_some());
+        assert!(
+            meter.cost() >= Duration::from_millis(1),
+            "{:?}",
+            meter.cost()
+        );
     }
 }

@@ -494,8 +494,8 @@ async fn a_corrupt_state_file_adopts_the_pair_our_rules_program() {
 
 #[tokio::test]
 async fn polling_reads_the_chains_only_when_the_table_shape_changed() {
-    // Every chain read costs 5 ms, as on a busy legacy node, so the backstop read is 8 s away
-    // (20 ms for both families, at half of 0.5 % of a core) and the shape decides alone.
+    // Every chain read burns 5 ms of CPU, as on a busy legacy node, so the backstop read is 5 s
+    // away (20 ms for both families, at 80 % of 0.5 % of a core) and the shape decides alone.
     let fake = Arc::new(FakeNetfilter::with_table_shapes(Duration::from_millis(5)));
     let dir = tempfile::tempdir().unwrap();
     let config = EngineConfig {
