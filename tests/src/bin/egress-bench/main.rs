@@ -24,6 +24,7 @@
 
 #![forbid(unsafe_code)]
 
+mod address;
 mod bench;
 mod concurrency;
 mod drift;
@@ -60,7 +61,8 @@ struct Cli {
     /// with --quick target/bench-quick).
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Only these phases (comma-separated): setegress, ten-thousand, concurrent, drift, idle.
+    /// Only these phases (comma-separated): setegress, ten-thousand, concurrent, drift, idle,
+    /// address.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Length of the idle CPU window.
@@ -199,6 +201,19 @@ fn bench_main(cli: &Cli) -> anyhow::Result<()> {
                     }
                 }
             }
+        }
+    }
+    if only(cli, "address") {
+        for backend in [Backend::Nft, Backend::Legacy] {
+            let a = bench.address(backend)?;
+            println!(
+                "{:6} address removed → MASQUERADE {} | added → SNAT {} (poll {})",
+                a.backend,
+                a.removed.display(),
+                a.added.display(),
+                fmt_ms(a.poll.p50)
+            );
+            results.address.push(a);
         }
     }
     if only(cli, "idle") {

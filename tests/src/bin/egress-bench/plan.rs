@@ -35,6 +35,8 @@ pub struct Plan {
     pub drift_rules: usize,
     /// Tampers per kind of drift.
     pub drift_iterations: usize,
+    /// Removals (each followed by an addition) of the chosen address in the address phase.
+    pub address_iterations: usize,
     /// Pause between a repair and the next tamper: a random value in this range (ms).
     pub drift_pause_ms: (u64, u64),
     /// RETURN rules of the idle daemons.
@@ -61,6 +63,7 @@ impl Plan {
             concurrent_connections: 16,
             drift_rules: 100,
             drift_iterations: 12,
+            address_iterations: 20,
             drift_pause_ms: (100, 600),
             idle_rules: 100,
             idle_seconds,
@@ -84,6 +87,7 @@ impl Plan {
             concurrent_connections: 4,
             drift_rules: 10,
             drift_iterations: 2,
+            address_iterations: 2,
             drift_pause_ms: (50, 150),
             idle_rules: 10,
             idle_seconds: 3,

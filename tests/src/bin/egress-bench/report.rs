@@ -143,6 +143,27 @@ pub fn markdown(r: &Results) -> String {
         }
         line(String::new());
     }
+    if !r.address.is_empty() {
+        line("### Egress that follows the address".into());
+        line(String::new());
+        line("`ip addr del/add` of the chosen address on the node → the bench's poll of `iptables -S KILO-NAT` sees the new decision (MASQUERADE / SNAT); median (p25–p75), max.".into());
+        line(String::new());
+        line("| backend | removed → MASQUERADE | max | added → SNAT | max | poll (resolution) | not seen |".into());
+        line("|---|---|---:|---|---:|---:|---:|".into());
+        for a in &r.address {
+            line(format!(
+                "| {} | {} | {} | {} | {} | {} | {} |",
+                a.backend,
+                a.removed.display(),
+                fmt_ms(a.removed.max),
+                a.added.display(),
+                fmt_ms(a.added.max),
+                fmt_ms(a.poll.p50),
+                a.timeouts
+            ));
+        }
+        line(String::new());
+    }
     if !r.drift.is_empty() {
         line("### Drift repair".into());
         line(String::new());

@@ -61,6 +61,8 @@ pub struct Results {
     pub concurrency: Vec<Concurrency>,
     /// Phase 4: drift repair latency.
     pub drift: Vec<Drift>,
+    /// Phase 6: the chosen address removed and added back → the decision in the kernel.
+    pub address: Vec<crate::address::AddressFollow>,
     /// Phase 5: idle CPU and RSS.
     pub idle: Vec<Idle>,
     /// The targets judged against the phases measured.
@@ -183,6 +185,38 @@ pub fn targets(r: &Results) -> Vec<Target> {
                 .ten_thousand
                 .iter()
                 .all(|t| t.kernel_transactions == 1 && t.rules_in_chain == t.rules_requested + 1),
+        });
+    }
+    if !r.address.is_empty() {
+        let max = r
+            .address
+            .iter()
+            .flat_map(|a| [a.removed.max, a.added.max])
+            .fold(0.0, f64::max);
+        let p50 = r
+            .address
+            .iter()
+            .flat_map(|a| [a.removed.p50, a.added.p50])
+            .fold(0.0, f64::max);
+        let timeouts: usize = r.address.iter().map(|a| a.timeouts).sum();
+        out.push(Target {
+            target: "address removed/added → decision in the kernel ≤ 100 ms (nft and legacy)"
+                .into(),
+            measured: format!(
+                "p50 ≤ {}, max {} over {} transitions{}",
+                fmt_ms(p50),
+                fmt_ms(max),
+                r.address
+                    .iter()
+                    .map(|a| a.removed.n + a.added.n)
+                    .sum::<usize>(),
+                if timeouts > 0 {
+                    format!(", {timeouts} not seen within 10 s")
+                } else {
+                    String::new()
+                }
+            ),
+            pass: timeouts == 0 && max <= 100.0,
         });
     }
     let nft_repairs: Vec<&Drift> = r

@@ -56,6 +56,38 @@ pub enum Job {
         /// Give up on one repair after this long.
         timeout_ms: u64,
     },
+    /// Takes `address` off `device` and puts it back, `iterations` times, polling
+    /// `IPT -w -t nat -S CHAIN` after each until the chain's decision (its first SNAT or
+    /// MASQUERADE rule) is MASQUERADE, then SNAT again. Samples alternate: removed, added.
+    Address {
+        /// e.g. `iptables-legacy`.
+        binary: String,
+        /// The chain watched.
+        chain: String,
+        /// The address with its prefix, e.g. `198.51.100.20/32`.
+        address: String,
+        /// The interface that holds it, e.g. `up0`.
+        device: String,
+        /// How many removals (each followed by an addition).
+        iterations: usize,
+        /// Pause before each change (ms, uniformly random in this range).
+        pause_ms: (u64, u64),
+        /// Give up on one transition after this long.
+        timeout_ms: u64,
+    },
+}
+
+/// The target of a chain listing's decision rule: the first SNAT or MASQUERADE rule.
+fn decision_of(listing: &str) -> Option<&'static str> {
+    listing.lines().find_map(|line| {
+        if line.contains(" -j SNAT ") {
+            Some("SNAT")
+        } else if line.contains(" -j MASQUERADE") {
+            Some("MASQUERADE")
+        } else {
+            None
+        }
+    })
 }
 
 /// The samples of one job.
@@ -72,6 +104,10 @@ pub struct Samples {
     pub poll_ns: Vec<u64>,
     /// Drift: tampers that were not repaired within the timeout.
     pub timeouts: usize,
+    /// Address: address added → SNAT again, in nanoseconds (`samples_ns` has removed →
+    /// MASQUERADE).
+    #[serde(default)]
+    pub back_ns: Vec<u64>,
 }
 
 fn run(binary: &str, args: &[&str], stdin: Option<&str>) -> anyhow::Result<String> {
@@ -206,6 +242,41 @@ pub fn run_job(job: &Job) -> anyhow::Result<Samples> {
                     if tampered.elapsed() >= Duration::from_millis(*timeout_ms) {
                         samples.timeouts += 1;
                         break;
+                    }
+                }
+            }
+        }
+        Job::Address {
+            binary,
+            chain,
+            address,
+            device,
+            iterations,
+            pause_ms,
+            timeout_ms,
+        } => {
+            let list = ["-w", "-t", "nat", "-S", chain.as_str()];
+            for _ in 0..*iterations {
+                for (verb, wanted) in [("del", "MASQUERADE"), ("add", "SNAT")] {
+                    std::thread::sleep(Duration::from_millis(jitter(pause_ms.0, pause_ms.1)));
+                    run("ip", &["addr", verb, address, "dev", device], None)?;
+                    let changed = Instant::now();
+                    loop {
+                        let poll = Instant::now();
+                        let seen = run(binary, &list, None).unwrap_or_default();
+                        samples.poll_ns.push(nanos(poll.elapsed()));
+                        if decision_of(&seen) == Some(wanted) {
+                            let took = nanos(changed.elapsed());
+                            match verb {
+                                "del" => samples.samples_ns.push(took),
+                                _ => samples.back_ns.push(took),
+                            }
+                            break;
+                        }
+                        if changed.elapsed() >= Duration::from_millis(*timeout_ms) {
+                            samples.timeouts += 1;
+                            break;
+                        }
                     }
                 }
             }
