@@ -311,3 +311,70 @@ fn watch_once_applies_the_annotation_and_exits_2_on_an_invalid_one() {
     let notes = d.must(api.event_notes(INVALID));
     assert_eq!(notes.len(), 1, "{notes:?}");
 }
+
+#[test]
+fn an_absent_address_posts_a_warning_event_and_a_normal_one_once_it_is_on_the_node() {
+    if !may_run("an_absent_address_posts_a_warning_event_and_a_normal_one_once_it_is_on_the_node") {
+        return;
+    }
+    const ABSENT_REASON: &str = "EgressAddressAbsent";
+    const PRESENT_REASON: &str = "EgressAddressPresent";
+    let absent = "198.51.100.99";
+    let lab = Lab::new().unwrap();
+    let (d, api) = setup(&lab, &[]);
+    let mut w = Watcher::start(&api, &d, &[]).unwrap();
+
+    // The cloud has not attached the address yet: the annotation is applied anyway.
+    must(api.annotate(absent), &w);
+    must(wait_for_pair(&d, &w, absent, "", FOLLOW_TIMEOUT), &w);
+    let mut notes = Vec::new();
+    let warned = poll_until(FOLLOW_TIMEOUT, || {
+        notes = api.event_notes(ABSENT_REASON).unwrap_or_default();
+        !notes.is_empty()
+    });
+    assert!(
+        warned,
+        "no {ABSENT_REASON} Event{}{}",
+        w.context(),
+        api.context()
+    );
+    assert!(
+        notes[0].contains(&format!("{absent} is not assigned to any interface")),
+        "the Event names the address: {notes:?}"
+    );
+    assert!(
+        api.events()
+            .unwrap()
+            .iter()
+            .any(|e| e["reason"] == ABSENT_REASON && e["type"] == "Warning"),
+        "a Warning"
+    );
+    let specs = d.must(d.get_rules()).specs(Family::V4).join("\n");
+    assert!(
+        specs.contains("-j MASQUERADE") && !specs.contains("-j SNAT"),
+        "MASQUERADE meanwhile: {specs}"
+    );
+
+    // Attached: SNAT to it, and a Normal Event at the watcher's next look.
+    lab.node_ip(&format!("addr add {absent}/32 dev up0"))
+        .unwrap();
+    let back = poll_until(FOLLOW_TIMEOUT, || {
+        api.event_notes(PRESENT_REASON)
+            .is_ok_and(|notes| notes.iter().any(|n| n.contains(absent)))
+    });
+    assert!(
+        back,
+        "no {PRESENT_REASON} Event{}{}",
+        w.context(),
+        api.context()
+    );
+    let specs = d.must(d.get_rules()).specs(Family::V4).join("\n");
+    assert!(specs.contains(&format!("--to-source {absent}")), "{specs}");
+    assert_eq!(
+        api.event_notes(ABSENT_REASON).unwrap().len(),
+        1,
+        "one Warning per transition{}",
+        w.context()
+    );
+    stop_cleanly(&mut w);
+}
