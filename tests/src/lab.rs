@@ -162,6 +162,8 @@ pub struct Lab {
     dir: TempDir,
     children: Mutex<Vec<Child>>,
     daemons: AtomicU32,
+    /// A second node's lab shares the first lab's upstream and leaves it alone when dropped.
+    shares_upstream: bool,
 }
 
 impl Lab {
@@ -184,9 +186,122 @@ impl Lab {
                 .context("create the lab's temporary directory")?,
             children: Mutex::new(Vec::new()),
             daemons: AtomicU32::new(0),
+            shares_upstream: false,
         };
         lab.build().with_context(|| format!("build lab {base}"))?;
         Ok(lab)
+    }
+
+    /// A second node behind this lab's upstream, with its own pod (the same pod addresses, so
+    /// [`DaemonConfig::own`](crate::DaemonConfig::own) fits) on its own link to upstream:
+    /// [`SECOND_NODE_PRIMARY`] / [`SECOND_NODE_PRIMARY_V6`]. Upstream routes a floating address
+    /// to whichever node holds it as the cloud does ([`Lab::route_floating`]). Dropping it
+    /// removes its pod and node, never the shared upstream.
+    pub fn second_node(&self) -> anyhow::Result<Lab> {
+        let base = format!(
+            "ke{}x{}{}",
+            std::process::id(),
+            LAB_COUNTER.fetch_add(1, Ordering::Relaxed),
+            random_suffix()
+        );
+        let lab = Lab {
+            pod: format!("{base}p"),
+            node: format!("{base}n"),
+            upstream: self.upstream.clone(),
+            dir: tempfile::Builder::new()
+                .prefix("kilo-egress-lab-")
+                .tempdir()
+                .context("create the lab's temporary directory")?,
+            children: Mutex::new(Vec::new()),
+            daemons: AtomicU32::new(0),
+            shares_upstream: true,
+        };
+        let (pod, node, up) = (lab.pod.as_str(), lab.node.as_str(), self.upstream.as_str());
+        for ns in [pod, node] {
+            run_ok("ip", &["netns", "add", ns])?;
+            run_in_ok(
+                ns,
+                "sysctl",
+                &[
+                    "-qw",
+                    "net.ipv6.conf.all.accept_dad=0",
+                    "net.ipv6.conf.default.accept_dad=0",
+                ],
+            )?;
+            ip(ns, "link set lo up")?;
+        }
+        run_in_ok(
+            node,
+            "sysctl",
+            &[
+                "-qw",
+                "net.ipv4.ip_forward=1",
+                "net.ipv6.conf.all.forwarding=1",
+            ],
+        )?;
+        let upstream_end = format!("n{}", &base[base.len() - 6..]);
+        run_ok(
+            "ip",
+            &[
+                "-n", pod, "link", "add", "eth0", "type", "veth", "peer", "name", "pod0", "netns",
+                node,
+            ],
+        )?;
+        run_ok(
+            "ip",
+            &[
+                "-n",
+                node,
+                "link",
+                "add",
+                "up0",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &upstream_end,
+                "netns",
+                up,
+            ],
+        )?;
+        ip(pod, "addr add 10.44.0.2/24 dev eth0")?;
+        ip(pod, "addr add fd00:44::2/64 dev eth0 nodad")?;
+        ip(node, "addr add 10.44.0.1/24 dev pod0")?;
+        ip(node, "addr add fd00:44::1/64 dev pod0 nodad")?;
+        ip(node, &format!("addr add {SECOND_NODE_PRIMARY}/24 dev up0"))?;
+        ip(
+            node,
+            &format!("addr add {SECOND_NODE_PRIMARY_V6}/64 dev up0 nodad"),
+        )?;
+        ip(up, &format!("addr add 10.99.0.1/24 dev {upstream_end}"))?;
+        ip(
+            up,
+            &format!("addr add fd00:99::1/64 dev {upstream_end} nodad"),
+        )?;
+        for (ns, dev) in [
+            (pod, "eth0"),
+            (node, "pod0"),
+            (node, "up0"),
+            (up, upstream_end.as_str()),
+        ] {
+            ip(ns, &format!("link set {dev} up"))?;
+        }
+        ip(pod, "route add default via 10.44.0.1")?;
+        ip(pod, "-6 route add default via fd00:44::1")?;
+        ip(node, "route add default via 10.99.0.1")?;
+        ip(node, "-6 route add default via fd00:99::1")?;
+        Ok(lab)
+    }
+
+    /// Makes upstream route `addr` (a /32 or /128) to `via`, as a cloud does when a floating
+    /// address moves to another instance.
+    pub fn route_floating(&self, addr: &str, via: &str) -> anyhow::Result<()> {
+        let prefix = if addr.contains(':') { 128 } else { 32 };
+        ip(
+            &self.upstream,
+            &format!("route replace {addr}/{prefix} via {via}"),
+        )
+        .map(|_| ())
     }
 
     fn build(&self) -> anyhow::Result<()> {
@@ -388,6 +503,11 @@ impl Lab {
     }
 }
 
+/// The primary address of [`Lab::second_node`] on its link to upstream.
+pub const SECOND_NODE_PRIMARY: &str = "10.99.0.11";
+/// Its IPv6 primary address.
+pub const SECOND_NODE_PRIMARY_V6: &str = "fd00:99::11";
+
 impl Drop for Lab {
     fn drop(&mut self) {
         let children =
@@ -396,7 +516,12 @@ impl Drop for Lab {
             let _ = child.kill();
             let _ = child.wait();
         }
-        for ns in [&self.pod, &self.node, &self.upstream] {
+        let own: Vec<&String> = if self.shares_upstream {
+            vec![&self.pod, &self.node]
+        } else {
+            vec![&self.pod, &self.node, &self.upstream]
+        };
+        for ns in own {
             // Anything still running in a namespace of this lab was started by this test.
             if let Ok(out) = cmd::capture(
                 std::process::Command::new("ip").args(["netns", "pids", ns]),

@@ -41,7 +41,7 @@ pub use busy::BusyNode;
 pub use cmd::Captured;
 pub use daemon::{Daemon, DaemonConfig, Mode, RulesView};
 pub use kg::KgAgent;
-pub use lab::{Backend, Family, Iptables, Lab};
+pub use lab::{Backend, Family, Iptables, Lab, SECOND_NODE_PRIMARY, SECOND_NODE_PRIMARY_V6};
 pub use realkg::{KgConfig, RealKg};
 
 use std::io::Write;

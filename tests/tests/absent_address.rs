@@ -2,12 +2,13 @@
 //! an interface of the node (IPv6: once duplicate address detection is over). When the address
 //! leaves (a cloud detaching it, keepalived moving it), `--absent-address masquerade` (default)
 //! falls back to the node's own address until it returns; `keep` keeps the SNAT and says so.
-//! An address moving between the node's own interfaces costs nothing. Real kernel, both
-//! backends, both families.
+//! An address moving between the node's own interfaces costs nothing, and a floating address
+//! moving between two nodes moves which node SNATs to it. Real kernel, both backends, both
+//! families.
 
 use kilo_egress_tests::{
-    Backend, DaemonConfig, Family, Lab, REPAIR_TIMEOUT, cmd, for_each_variant, poll_until,
-    require_root,
+    Backend, DaemonConfig, Family, Lab, REPAIR_TIMEOUT, SECOND_NODE_PRIMARY,
+    SECOND_NODE_PRIMARY_V6, cmd, for_each_variant, poll_until, require_root,
 };
 
 /// The preferred address with its prefix, as the lab assigns it to the node's `up0`.
@@ -353,3 +354,55 @@ fn an_unknown_absent_address_policy_is_refused_before_any_rule() {
         "nothing programmed"
     );
 }
+
+/// The floating-address recipe of docs/operations.md: two nodes behind one upstream, both set
+/// to the same address; the cloud (here: upstream's route) moves it from one to the other. The
+/// node that holds it SNATs to it, the other masquerades, and neither blackholes its pods.
+fn a_floating_address_moves_which_node_snats_to_it(family: Family, backend: Backend) {
+    let (floating, first_primary, second_primary) = match family {
+        Family::V4 => ("198.51.100.50", "192.0.2.10", SECOND_NODE_PRIMARY),
+        Family::V6 => ("2001:db8:2::50", "2001:db8:1::10", SECOND_NODE_PRIMARY_V6),
+    };
+    let prefix = if family == Family::V4 { 32 } else { 128 };
+    let nodad = if family == Family::V6 { " nodad" } else { "" };
+    let first = Lab::new().unwrap();
+    let second = first.second_node().unwrap();
+    let a = first.start_daemon(DaemonConfig::own(backend)).unwrap();
+    let b = second.start_daemon(DaemonConfig::own(backend)).unwrap();
+    first
+        .node_ip(&format!("addr add {floating}/{prefix} dev up0{nodad}"))
+        .unwrap();
+    first.route_floating(floating, first_primary).unwrap();
+    for d in [&a, &b] {
+        let out = d.must(d.cli(&["set", floating]));
+        assert!(out.success(), "{out}");
+    }
+    a.must(first.wait_for_source(family, floating, REPAIR_TIMEOUT));
+    b.must(second.wait_for_source(family, second_primary, REPAIR_TIMEOUT));
+    assert!(b.must(b.get_rules()).address_absent(family));
+
+    // The address moves to the second node.
+    first
+        .node_ip(&format!("addr del {floating}/{prefix} dev up0"))
+        .unwrap();
+    second
+        .node_ip(&format!("addr add {floating}/{prefix} dev up0{nodad}"))
+        .unwrap();
+    first.route_floating(floating, second_primary).unwrap();
+    b.must(second.wait_for_source(family, floating, REPAIR_TIMEOUT));
+    a.must(first.wait_for_source(family, first_primary, REPAIR_TIMEOUT));
+    assert!(a.must(a.get_rules()).address_absent(family));
+    assert!(!b.must(b.get_rules()).address_absent(family));
+
+    // And back.
+    second
+        .node_ip(&format!("addr del {floating}/{prefix} dev up0"))
+        .unwrap();
+    first
+        .node_ip(&format!("addr add {floating}/{prefix} dev up0{nodad}"))
+        .unwrap();
+    first.route_floating(floating, first_primary).unwrap();
+    a.must(first.wait_for_source(family, floating, REPAIR_TIMEOUT));
+    b.must(second.wait_for_source(family, second_primary, REPAIR_TIMEOUT));
+}
+for_each_variant!(a_floating_address_moves_which_node_snats_to_it: nft, legacy);
