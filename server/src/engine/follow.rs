@@ -3,7 +3,7 @@
 //! transaction, the usual add-only switch), logging each transition once, and telling clients
 //! (GetRules status, SetEgress warnings). What to program is decided in [`super::presence`].
 
-use kilo_egress_api::egress::{EgressAddrs, Family};
+use kilo_egress_api::egress::EgressAddrs;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::mpsc;
@@ -112,15 +112,8 @@ impl Engine {
             .into_iter()
             .filter_map(|family| {
                 let note = self.presence.note(chosen.get(family))?;
-                Some(format!("{}: {note}", family_name(family)))
+                Some(format!("{family}: {note}"))
             })
             .collect()
-    }
-}
-
-fn family_name(family: Family) -> &'static str {
-    match family {
-        Family::Ipv4 => "IPv4",
-        Family::Ipv6 => "IPv6",
     }
 }
