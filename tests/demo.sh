@@ -61,8 +61,14 @@ if ! command -v cargo >/dev/null 2>&1 && [[ -f $HOME/.cargo/env ]]; then
     source "$HOME/.cargo/env"
 fi
 command -v cargo >/dev/null 2>&1 || die "cargo is missing: install Rust >= 1.89 with rustup (https://rustup.rs)"
+if [[ -x $BIN/kilo-egressd ]]; then
+    say "Building the workspace (only what changed since the last build)."
+else
+    say "Building the workspace: the first build compiles about 300 crates and takes several minutes"
+    say "(~6 on 2 CPUs); cargo reports each crate as it goes. Later runs take seconds."
+fi
 show_cmd cargo build --workspace
-cargo build --workspace --quiet
+cargo build --workspace
 for bin in kilo-egressd kilo-egress egress-probe; do
     [[ -x $BIN/$bin ]] || die "$BIN/$bin is missing after cargo build --workspace"
 done

@@ -89,8 +89,9 @@ pub enum ClientError {
         reason: String,
     },
     /// The server answered with an error status (or the connection failed during the call,
-    /// e.g. the server refused this client's certificate).
-    #[error("{}: {}{}", .0.code(), .0.message(), causes(.0))]
+    /// e.g. the server refused this client's certificate): its message first, then the code's
+    /// name, e.g. `generation is 1 ... (FAILED_PRECONDITION)`.
+    #[error("{}", status_text(.0))]
     Status(#[from] tonic::Status),
 }
 
@@ -99,6 +100,42 @@ pub enum ClientError {
 pub struct EgressClient {
     egress: EgressServiceClient<Channel>,
     health: HealthClient<Channel>,
+}
+
+/// A status as one line: the server's message and the causes behind it, then the code's name
+/// as gRPC spells it (tonic's description of the code only when there is no message).
+fn status_text(status: &tonic::Status) -> String {
+    let message = format!("{}{}", status.message(), causes(status));
+    let name = code_name(status.code());
+    if message.is_empty() {
+        format!("{} ({name})", status.code().description())
+    } else {
+        format!("{message} ({name})")
+    }
+}
+
+/// The canonical name of a gRPC status code, e.g. `FAILED_PRECONDITION`.
+pub fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code;
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
 }
 
 /// The causes behind a status that are not already in its message, as `: cause: cause`.
@@ -265,5 +302,20 @@ mod tests {
         for bad in ["unix://relative", "tcp://1.2.3.4:1", "node-a:7443", ""] {
             assert!(bad.parse::<ServerAddr>().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_status_reads_as_our_message_then_the_code_name() {
+        let error = ClientError::from(tonic::Status::failed_precondition(
+            "generation is 1, not 4: the egress changed meanwhile",
+        ));
+        assert_eq!(
+            error.to_string(),
+            "generation is 1, not 4: the egress changed meanwhile (FAILED_PRECONDITION)"
+        );
+        assert_eq!(
+            ClientError::from(tonic::Status::unavailable("")).to_string(),
+            format!("{} (UNAVAILABLE)", tonic::Code::Unavailable.description())
+        );
     }
 }

@@ -1,12 +1,16 @@
 //! `kilo-egress`: the command-line client of kilo-egressd. Exit status: 0 success, 2 invalid
 //! input (nothing changed), 1 any other failure.
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
+use decision::Request;
 use kilo_egress::api;
 use kilo_egress::{ClientError, EgressClient, ServerAddr};
 use kilo_egress_api::egress::{Family, Mode};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
+
+mod decision;
 
 /// Set, clear and inspect the egress address of pod traffic leaving this node.
 #[derive(Parser)]
@@ -47,6 +51,8 @@ struct TlsArgs {
 #[derive(Subcommand)]
 enum Command {
     /// Use these addresses as the source of pod traffic: one IPv4 and/or one IPv6, either order.
+    /// The request is the whole desired pair: a family given no address goes back to MASQUERADE
+    /// (the reply says so for both families).
     Set {
         /// Plain addresses, e.g. 198.51.100.20 2001:db8::20.
         #[arg(required = true, value_name = "ADDR")]
@@ -61,17 +67,35 @@ enum Command {
     },
     /// Show the chosen addresses and the rules in the kernel.
     Get {
+        /// Print only the current generation, for --expected-generation.
+        #[arg(long, conflicts_with = "output")]
+        generation: bool,
         #[command(flatten)]
         output: OutputArgs,
     },
-    /// Exit 0 when kilo-egressd is serving (the accepted rules are in the kernel), 1 otherwise;
-    /// a degraded write path (the last write failed) is printed on stderr.
+    /// Exit 0 when kilo-egressd is serving, 1 otherwise. Serving: the accepted rules are in the
+    /// kernel, or in kilo mode as far as kilo-egressd can put them (while Kilo's agent has not
+    /// written KILO-NAT yet, a note on stderr says so); a degraded write path (the last write
+    /// failed) is printed on stderr.
     Health,
     /// Keep the egress pair equal to this Node's annotation (runs beside kilo-egressd).
     Watch(kilo_egress::watch::WatchArgs),
     /// Exit 0 when `kilo-egress watch --heartbeat-file` made progress within --max-age, 1
     /// otherwise (the watcher's liveness probe; reads only the file).
     WatchAlive(kilo_egress::watch::heartbeat::AliveArgs),
+    /// Print a shell completion script, e.g. `source <(kilo-egress completions bash)`.
+    Completions {
+        /// The shell to complete for.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print this manual page (roff; `kilo-egress man | man -l -`), or write one page per
+    /// command into a directory.
+    Man {
+        /// Write kilo-egress.1 and kilo-egress-COMMAND.1 into this directory.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
 }
 
 #[derive(clap::Args)]
@@ -122,18 +146,39 @@ fn family_name(family: i32) -> String {
     Family::try_from(family).map_or_else(|_| "?".to_string(), |f| f.to_string())
 }
 
-fn print_families(families: &[api::FamilyRules]) {
+/// Which reply the rules come from: GetRules (read back) or SetEgress (programmed, or for a dry
+/// run, as they would be).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Listing {
+    Read,
+    Programmed,
+    DryRun,
+}
+
+fn print_families(families: &[api::FamilyRules], listing: Listing) {
     for family in families {
-        let sync = if family.in_sync {
-            "in sync"
-        } else {
-            "NOT in sync"
-        };
-        println!(
-            "\n{}: {} ({sync})",
-            family_name(family.family),
-            family.status
-        );
+        let name = family_name(family.family);
+        match listing {
+            Listing::Read => {
+                let sync = if family.in_sync {
+                    "in sync"
+                } else {
+                    "NOT in sync"
+                };
+                println!("\n{name}: {} ({sync})", family.status);
+            }
+            // The decision lines above said what each family holds; here are the rules.
+            Listing::Programmed if !family.rules.is_empty() => println!("\n{name} rules:"),
+            Listing::DryRun if !family.rules.is_empty() => {
+                let would = if family.in_sync {
+                    "nothing would change"
+                } else {
+                    "it would program"
+                };
+                println!("\n{name} rules ({would}):");
+            }
+            Listing::Programmed | Listing::DryRun => {}
+        }
         if family.rules.is_empty() {
             continue;
         }
@@ -155,22 +200,31 @@ fn print_json<T: serde::Serialize>(value: &T) {
     );
 }
 
-fn print_set(response: &api::SetEgressResponse, output: Output) {
+fn print_set(response: &api::SetEgressResponse, request: Request, output: Output) {
     if let Output::Json = output {
         return print_json(response);
     }
-    let pair = response.egress.clone().unwrap_or_default();
-    let verb = if response.dry_run { "would set" } else { "set" };
-    println!(
-        "{verb}: IPv4 {}, IPv6 {} (generation {})",
-        or_masquerade(&pair.ipv4),
-        or_masquerade(&pair.ipv6),
-        response.generation
-    );
-    for warning in &response.warnings {
+    if response.dry_run {
+        println!(
+            "dry run, nothing changed; this request would program (generation {}):",
+            response.generation
+        );
+    } else {
+        println!("programmed (generation {}):", response.generation);
+    }
+    let lines = decision::decision_lines(response, request);
+    for line in &lines {
+        println!("  {line}");
+    }
+    for warning in decision::extra_warnings(response, &lines) {
         println!("warning: {warning}");
     }
-    print_families(&response.rules);
+    let listing = if response.dry_run {
+        Listing::DryRun
+    } else {
+        Listing::Programmed
+    };
+    print_families(&response.rules, listing);
 }
 
 fn print_rules(response: &api::GetRulesResponse, output: Output) {
@@ -226,7 +280,7 @@ fn print_rules(response: &api::GetRulesResponse, output: Output) {
         }
         None => {}
     }
-    print_families(&response.families);
+    print_families(&response.families, Listing::Read);
 }
 
 /// proto3 JSON renders a Timestamp as RFC 3339 (UTC), the form operators read in logs.
@@ -243,6 +297,24 @@ fn degraded(failure: &api::WriteFailure) -> String {
         failure.what,
         failure.error
     )
+}
+
+/// Kilo mode: families whose chosen address is not programmed because Kilo's agent has not
+/// written KILO-NAT (or its MASQUERADE rule) yet. Not a failure of kilo-egressd, so health stays
+/// SERVING; the SNAT rule follows as soon as the chain is there.
+fn health_notes(rules: &api::GetRulesResponse) -> Vec<String> {
+    rules
+        .families
+        .iter()
+        .filter(|f| !f.in_sync && f.status.starts_with("waiting for Kilo's agent"))
+        .map(|f| {
+            format!(
+                "note: {}: {}; kilo-egressd is ready and places the SNAT rule as soon as Kilo's agent writes it",
+                family_name(f.family),
+                f.status
+            )
+        })
+        .collect()
 }
 
 /// Maps an error to its exit status and prints what to do next.
@@ -285,7 +357,9 @@ fn report(error: &ClientError, https: bool) -> ExitCode {
             ExitCode::from(2)
         }
         ClientError::Status(status) if status.code() == tonic::Code::FailedPrecondition => {
-            eprintln!("  nothing was changed; run `kilo-egress get` for the current generation");
+            eprintln!(
+                "  nothing was changed; `kilo-egress get --generation` prints the current generation"
+            );
             ExitCode::from(1)
         }
         ClientError::Status(status)
@@ -303,9 +377,53 @@ fn report(error: &ClientError, https: bool) -> ExitCode {
     }
 }
 
+/// The completion script for `shell`.
+fn completion_script(shell: clap_complete::Shell) -> String {
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "kilo-egress", &mut script);
+    let script = String::from_utf8(script).expect("clap_complete writes UTF-8");
+    match shell {
+        // clap_complete's bash script (clap-rs/clap#6421, open) tracks the command line in the
+        // state `kilo__egress__subcmd__set` but spells its case arms `kilo__subcmd__egress__subcmd__set`
+        // for a binary name with a hyphen, so nothing after a subcommand completed. Spell the arms
+        // as the state (a no-op once clap_complete is fixed; tests/tests/operator_cli.rs checks it).
+        clap_complete::Shell::Bash => script.replace("kilo__subcmd__egress", "kilo__egress"),
+        _ => script,
+    }
+}
+
+/// Writes the manual pages of `command` and its subcommands into `dir`, or its own page to stdout.
+fn write_man(command: clap::Command, dir: Option<&std::path::Path>) -> std::io::Result<()> {
+    match dir {
+        Some(dir) => {
+            std::fs::create_dir_all(dir)?;
+            clap_mangen::generate_to(command, dir)
+        }
+        None => clap_mangen::Man::new(command).render(&mut std::io::stdout()),
+    }
+}
+
 async fn run(cli: Cli) -> Result<ExitCode, ClientError> {
-    if let Command::WatchAlive(args) = &cli.command {
-        return Ok(kilo_egress::watch::heartbeat::alive(args));
+    match &cli.command {
+        Command::WatchAlive(args) => return Ok(kilo_egress::watch::heartbeat::alive(args)),
+        Command::Completions { shell } => {
+            use std::io::Write;
+            let script = completion_script(*shell);
+            return Ok(match std::io::stdout().write_all(script.as_bytes()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(_) => ExitCode::from(1),
+            });
+        }
+        Command::Man { dir } => {
+            return Ok(match write_man(Cli::command(), dir.as_deref()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("kilo-egress: writing the manual pages failed: {e}");
+                    ExitCode::from(1)
+                }
+            });
+        }
+        _ => {}
     }
     let addr: ServerAddr = cli.server.parse()?;
     // Check addresses before connecting, so a typo is reported even when the server is down.
@@ -326,27 +444,39 @@ async fn run(cli: Cli) -> Result<ExitCode, ClientError> {
             let response = client
                 .set_egress(addrs, write.dry_run, write.expected_generation)
                 .await?;
-            print_set(&response, write.output.output);
+            print_set(&response, Request::Set, write.output.output);
         }
         Command::Clear { write } => {
             let response = client
                 .set_egress(Vec::new(), write.dry_run, write.expected_generation)
                 .await?;
-            print_set(&response, write.output.output);
+            print_set(&response, Request::Clear, write.output.output);
         }
-        Command::Get { output } => print_rules(&client.get_rules().await?, output.output),
-        Command::Watch(_) | Command::WatchAlive(_) => unreachable!("handled before connecting"),
+        Command::Get {
+            generation: true, ..
+        } => {
+            println!("{}", client.get_rules().await?.generation);
+        }
+        Command::Get { output, .. } => print_rules(&client.get_rules().await?, output.output),
+        Command::Watch(_)
+        | Command::WatchAlive(_)
+        | Command::Completions { .. }
+        | Command::Man { .. } => unreachable!("handled before connecting"),
         Command::Health => {
             let status = client.health().await?;
             println!("{}", status.as_str_name());
             if status != tonic_health::pb::health_check_response::ServingStatus::Serving {
                 return Ok(ExitCode::from(1));
             }
-            // SERVING: the accepted rules are in the kernel. Say so when writes fail all the same.
-            if let Ok(rules) = client.get_rules().await
-                && let Some(failure) = &rules.last_write_failure
-            {
-                eprintln!("write path {}", degraded(failure));
+            // SERVING: the accepted rules are in the kernel, as far as kilo-egressd can put them.
+            // Say so when writes fail all the same, or when Kilo's agent has yet to write its chain.
+            if let Ok(rules) = client.get_rules().await {
+                if let Some(failure) = &rules.last_write_failure {
+                    eprintln!("write path {}", degraded(failure));
+                }
+                for note in health_notes(&rules) {
+                    eprintln!("{note}");
+                }
             }
         }
     }

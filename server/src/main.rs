@@ -1,7 +1,7 @@
 //! `kilo-egressd`: command line, logging and start-up order (load state → program it → serve).
 
 use anyhow::{Context, bail};
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
 use kilo_egress_api::DEFAULT_SOCKET;
 use kilo_egress_api::egress::Family;
@@ -36,6 +36,13 @@ struct Cli {
 enum Command {
     /// Remove every rule kilo-egressd wrote (and its stored state), then exit.
     Cleanup(CommonArgs),
+    /// Print this manual page (roff; `kilo-egressd man | man -l -`), or write one page per
+    /// command into a directory.
+    Man {
+        /// Write kilo-egressd.1 and kilo-egressd-COMMAND.1 into this directory.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -252,9 +259,20 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    if let Some(Command::Cleanup(args)) = &cli.command {
-        init_logging(args.log_format);
-        return cleanup(args).await;
+    match &cli.command {
+        Some(Command::Cleanup(args)) => {
+            init_logging(args.log_format);
+            return cleanup(args).await;
+        }
+        Some(Command::Man { dir: Some(dir) }) => {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            return clap_mangen::generate_to(Cli::command(), dir)
+                .with_context(|| format!("writing the manual pages into {}", dir.display()));
+        }
+        Some(Command::Man { dir: None }) => {
+            return Ok(clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?);
+        }
+        None => {}
     }
     let args = cli.run;
     init_logging(args.common.log_format);

@@ -399,6 +399,40 @@ fn the_image_runs_the_daemonsets_pod_as_written_on_a_legacy_node() {
     }
 }
 
+#[test]
+fn the_image_holds_manual_pages_and_shell_completions() {
+    const TEST: &str = "the_image_holds_manual_pages_and_shell_completions";
+    if !(require_root(TEST) && require_podman(TEST)) {
+        return;
+    }
+    let podman = built_image();
+    let script = "set -e; cd /usr/local/share
+        for page in man/man1/kilo-egressd.1.gz man/man1/kilo-egress.1.gz man/man1/kilo-egress-set.1.gz; do
+            gzip -t $page; zcat $page | grep -q '^.TH'; echo page $page; done
+        source bash-completion/completions/kilo-egress; complete -p kilo-egress
+        grep -q expected-generation zsh/site-functions/_kilo-egress
+        grep -q expected-generation fish/vendor_completions.d/kilo-egress.fish";
+    let image = image();
+    let out = podman
+        .run(&[
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            "--entrypoint",
+            "/bin/bash",
+            &image,
+            "-c",
+            script,
+        ])
+        .unwrap();
+    assert!(out.success(), "{out}");
+    assert!(
+        out.stdout.contains(" -F _kilo__egress kilo-egress"),
+        "{out}"
+    );
+}
+
 fn may_run(test: &str) -> bool {
     require_root(test) && require_podman(test) && require_kmock(test) && require_kubectl(test)
 }

@@ -84,7 +84,9 @@ fn remote_writer_sets_egress_reader_is_denied_and_every_call_is_audited() {
     let out = tls.cli(&lab, &tls.pki.ca(), &tls.reader, &["clear"]);
     assert_eq!(out.code, Some(1), "{out}");
     assert!(
-        out.stderr.contains("does not have permission") && out.stderr.contains(READER),
+        out.stderr.contains("may read (GetRules) but not change")
+            && out.stderr.contains("(PERMISSION_DENIED)")
+            && out.stderr.contains(READER),
         "{out}"
     );
     let after = tls.grpcurl(&lab, Some(&tls.reader), &["-d", "{}"], &[GET]);

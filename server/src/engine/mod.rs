@@ -164,6 +164,9 @@ pub struct Engine {
     address_following: Result<(), String>,
     /// Whether our rules carry `--random-fully`, and why (GetRules).
     random_fully: String,
+    /// Kilo mode: families whose last reconcile waited for Kilo's agent (no KILO-NAT, or no
+    /// MASQUERADE in it), so the next SNAT placed there follows kg's normal start, not drift.
+    waiting_for_kilo: BTreeSet<Family>,
 }
 
 impl Engine {
@@ -238,6 +241,7 @@ impl Engine {
             presence,
             address_following,
             random_fully: config.random_fully_reason,
+            waiting_for_kilo: BTreeSet::new(),
         };
         if let Some(e) = unsaved {
             engine
@@ -361,6 +365,11 @@ impl Engine {
                 freshness,
             )
             .map_err(|source| FamilyError { family, source })?;
+        if applied.desired.waiting.is_some() {
+            self.waiting_for_kilo.insert(family);
+        } else {
+            self.waiting_for_kilo.remove(&family);
+        }
         if applied.tidy_queued {
             self.timers.tidy_queued(self.table.shadowed_rules());
         }
@@ -443,6 +452,7 @@ impl Engine {
         let mut failure = None;
         let mut written = BTreeSet::new();
         for family in families {
+            let was_waiting = self.waiting_for_kilo.contains(&family);
             let result = self.reconcile(family, &addrs, Freshness::Read);
             if let Ok(applied) = &result
                 && applied.committed
@@ -462,6 +472,14 @@ impl Engine {
                     rules_touched = applied.rules_touched,
                     duration_ms = started.elapsed().as_secs_f64() * 1000.0,
                     "switched the egress decision for the address change"
+                ),
+                // kg's start (or its repair) wrote the MASQUERADE rule we waited for: no drift.
+                Ok(applied) if was_waiting && applied.committed => info!(
+                    %family,
+                    trigger = %trigger,
+                    rules_touched = applied.rules_touched,
+                    duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+                    "Kilo's agent wrote its MASQUERADE rule: placed the SNAT rule before it"
                 ),
                 Ok(applied) if !applied.drift.is_empty() && applied.rules_touched > 0 => warn!(
                     %family,
