@@ -6,11 +6,11 @@
 # shellcheck source=tests/setup/packages.sh
 source tests/setup/packages.sh
 
-# iproute2, iptables (both backends), procps and getconf, from Debian, when missing.
+# iproute2, iptables (both backends), procps, getconf and conntrack, from Debian, when missing.
 install_system_packages() {
     step "Setup: system packages"
     install_missing ip=iproute2 iptables-nft=iptables iptables-legacy=iptables sysctl=procps \
-        kill=procps getconf=libc-bin
+        kill=procps getconf=libc-bin conntrack=conntrack
 }
 
 # cargo on PATH (rustup's env is sourced when needed); `require_rust COMPONENT..` also adds rustup

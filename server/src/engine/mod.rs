@@ -11,6 +11,7 @@
 //! what goes wrong.
 
 mod batch;
+mod conntrack;
 pub mod error;
 pub mod families;
 mod follow;
@@ -75,6 +76,8 @@ pub struct EngineConfig {
     pub random_fully: bool,
     /// Why (`--random-fully`, detected, or not supported), for GetRules.
     pub random_fully_reason: String,
+    /// Whether a decision change deletes the conntrack entries the old decision NATed.
+    pub conntrack_flush: bool,
 }
 
 /// A validated SetEgress request.
@@ -164,6 +167,8 @@ pub struct Engine {
     address_following: Result<(), String>,
     /// Whether our rules carry `--random-fully`, and why (GetRules).
     random_fully: String,
+    /// `--conntrack-flush`: the decisions committed, and the thread that deletes old flows.
+    conntrack: conntrack::FlushState,
 }
 
 impl Engine {
@@ -238,6 +243,7 @@ impl Engine {
             presence,
             address_following,
             random_fully: config.random_fully_reason,
+            conntrack: conntrack::FlushState::new(config.conntrack_flush),
         };
         if let Some(e) = unsaved {
             engine
@@ -353,14 +359,12 @@ impl Engine {
         addrs: &EgressAddrs,
         freshness: Freshness,
     ) -> Result<Reconciled, FamilyError> {
+        let programmed = self.presence.programmed(addrs.get(family));
         let applied = self
             .table
-            .reconcile(
-                family,
-                self.presence.programmed(addrs.get(family)),
-                freshness,
-            )
+            .reconcile(family, programmed, freshness)
             .map_err(|source| FamilyError { family, source })?;
+        self.decision_committed(family, programmed);
         if applied.tidy_queued {
             self.timers.tidy_queued(self.table.shadowed_rules());
         }
@@ -602,6 +606,7 @@ impl Engine {
             drift_detection: self.describe_detection(),
             address_presence: follow::describe(&self.address_following, self.presence.policy()),
             random_fully: self.random_fully.clone(),
+            conntrack_flush: self.conntrack.describe(),
             kernel_transactions: self.table.transactions(),
         }
     }
