@@ -264,6 +264,7 @@ fn print_rules(response: &api::GetRulesResponse, output: Output) {
     println!("drift:        {}", response.drift_detection);
     println!("addresses:    {}", response.address_presence);
     println!("random-fully: {}", response.random_fully);
+    println!("conntrack:    {}", response.conntrack_flush);
     println!(
         "writes:       {} transactions since start",
         response.kernel_transactions

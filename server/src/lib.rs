@@ -18,6 +18,8 @@ pub mod audit;
 pub mod authority;
 pub mod authz;
 pub mod claim;
+pub mod conntrack;
+pub mod ctflush;
 pub mod engine;
 pub mod listen;
 pub mod netfilter;

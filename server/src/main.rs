@@ -5,7 +5,6 @@ use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
 use kilo_egress_api::DEFAULT_SOCKET;
 use kilo_egress_api::egress::Family;
-use kilo_egressd::claim;
 use kilo_egressd::engine::presence::AbsentPolicy;
 use kilo_egressd::engine::{self, Engine, EngineConfig};
 use kilo_egressd::listen::ListenAddr;
@@ -13,6 +12,7 @@ use kilo_egressd::netfilter::{self, Backend, BackendChoice, IptablesCli, choose_
 use kilo_egressd::rules::{ModeConfig, family_of_net};
 use kilo_egressd::server::{self, Limits};
 use kilo_egressd::state::StateStore;
+use kilo_egressd::{claim, ctflush};
 use security_args::SecurityArgs;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -121,6 +121,12 @@ struct RunArgs {
     /// (detected once at start); `=false` turns it off; `=true` fails at start when unsupported.
     #[arg(long, env = "KILO_EGRESS_RANDOM_FULLY", num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
     random_fully: Option<bool>,
+    /// After a family's egress decision changes (SetEgress, or the chosen address appearing or
+    /// going), delete the conntrack entries of the flows the old decision NATed, so they move to
+    /// the new one: UDP flows move, TCP connections NATed to the old address break. Needs the
+    /// `conntrack` tool (package `conntrack`).
+    #[arg(long, env = "KILO_EGRESS_CONNTRACK_FLUSH", num_args = 0..=1, default_value_t = false, default_missing_value = "true", action = clap::ArgAction::Set)]
+    conntrack_flush: bool,
     /// How often the rules are checked and repaired when the kernel sends no change
     /// notifications (legacy backend, or --kernel-notifications=false); on legacy each check
     /// looks at the table's shape and reads the chains only when needed.
@@ -286,6 +292,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         listen.check_tls(security.tls.is_some())?;
     }
     let mode = mode_config(&args)?;
+    if args.conntrack_flush {
+        // Before anything is read or written: the option cannot work without the tool.
+        ctflush::check(&args.ip_families)?;
+    }
     // Before any rule is read: one instance per network namespace.
     let _claim = claim::claim().await?;
     let (backend, backend_reason) = choose_backend(args.common.iptables_backend);
@@ -311,6 +321,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         absent_address: args.absent_address,
         random_fully,
         random_fully_reason,
+        conntrack_flush: args.conntrack_flush,
     };
     let (handle, _engine) = tokio::task::spawn_blocking(move || {
         Engine::start(config, netfilter, StateStore::new(&args.common.state_dir))

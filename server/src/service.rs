@@ -97,6 +97,7 @@ pub fn rules_response(report: &StatusReport) -> pb::GetRulesResponse {
         drift_detection: report.drift_detection.clone(),
         address_presence: report.address_presence.clone(),
         random_fully: report.random_fully.clone(),
+        conntrack_flush: report.conntrack_flush.clone(),
         kernel_transactions: report.kernel_transactions,
         last_write_failure: report
             .last_write_failure

@@ -35,6 +35,7 @@ impl EngineConfig {
             absent_address: AbsentPolicy::Masquerade,
             random_fully: false,
             random_fully_reason: "off (test)".into(),
+            conntrack_flush: false,
         }
     }
 }

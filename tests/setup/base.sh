@@ -6,12 +6,12 @@
 # shellcheck source=tests/setup/packages.sh
 source tests/setup/packages.sh
 
-# iproute2, iptables (both backends), procps and getconf, from Debian, when missing; groff and
-# man render the manual pages in tests/tests/operator_cli.rs.
+# iproute2, iptables (both backends), procps, getconf and conntrack, from Debian, when missing;
+# groff and man render the manual pages in tests/tests/operator_cli.rs.
 install_system_packages() {
     step "Setup: system packages"
     install_missing ip=iproute2 iptables-nft=iptables iptables-legacy=iptables sysctl=procps \
-        kill=procps getconf=libc-bin groff=groff-base man=man-db
+        kill=procps getconf=libc-bin conntrack=conntrack groff=groff-base man=man-db
 }
 
 # cargo on PATH (rustup's env is sourced when needed); `require_rust COMPONENT..` also adds rustup

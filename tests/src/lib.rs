@@ -119,6 +119,17 @@ pub fn require_grpcurl(test: &str) -> bool {
     found || skip_or_fail(test, "needs grpcurl")
 }
 
+/// Returns true when the `conntrack` tool (Debian package `conntrack`, installed by
+/// `tests/setup/base.sh`) runs. Otherwise it panics when `CI=true`, or prints a loud
+/// `SKIPPED (needs the conntrack tool): <test>` to stderr and returns false.
+pub fn require_conntrack(test: &str) -> bool {
+    let found = std::process::Command::new("conntrack")
+        .arg("--version")
+        .output()
+        .is_ok_and(|out| out.status.success());
+    found || skip_or_fail(test, "needs the conntrack tool (package conntrack)")
+}
+
 /// The `node_modules` directory holding `@grpc/grpc-js` and `@grpc/proto-loader`:
 /// `KILO_NODE_MODULES` (exported by `tests/setup/node.sh`), else `target/node-clients/node_modules`
 /// where that script installs them.

@@ -11,6 +11,7 @@
 //! what goes wrong.
 
 mod batch;
+mod conntrack;
 pub mod error;
 pub mod families;
 mod follow;
@@ -75,6 +76,8 @@ pub struct EngineConfig {
     pub random_fully: bool,
     /// Why (`--random-fully`, detected, or not supported), for GetRules.
     pub random_fully_reason: String,
+    /// Whether a decision change deletes the conntrack entries the old decision NATed.
+    pub conntrack_flush: bool,
 }
 
 /// A validated SetEgress request.
@@ -167,6 +170,8 @@ pub struct Engine {
     /// Kilo mode: families whose last reconcile waited for Kilo's agent (no KILO-NAT, or no
     /// MASQUERADE in it), so the next SNAT placed there follows kg's normal start, not drift.
     waiting_for_kilo: BTreeSet<Family>,
+    /// `--conntrack-flush`: the decisions committed, and the thread that deletes old flows.
+    conntrack: conntrack::FlushState,
 }
 
 impl Engine {
@@ -242,6 +247,7 @@ impl Engine {
             address_following,
             random_fully: config.random_fully_reason,
             waiting_for_kilo: BTreeSet::new(),
+            conntrack: conntrack::FlushState::new(config.conntrack_flush),
         };
         if let Some(e) = unsaved {
             engine
@@ -357,19 +363,17 @@ impl Engine {
         addrs: &EgressAddrs,
         freshness: Freshness,
     ) -> Result<Reconciled, FamilyError> {
+        let programmed = self.presence.programmed(addrs.get(family));
         let applied = self
             .table
-            .reconcile(
-                family,
-                self.presence.programmed(addrs.get(family)),
-                freshness,
-            )
+            .reconcile(family, programmed, freshness)
             .map_err(|source| FamilyError { family, source })?;
         if applied.desired.waiting.is_some() {
             self.waiting_for_kilo.insert(family);
         } else {
             self.waiting_for_kilo.remove(&family);
         }
+        self.decision_committed(family, programmed);
         if applied.tidy_queued {
             self.timers.tidy_queued(self.table.shadowed_rules());
         }
@@ -620,6 +624,7 @@ impl Engine {
             drift_detection: self.describe_detection(),
             address_presence: follow::describe(&self.address_following, self.presence.policy()),
             random_fully: self.random_fully.clone(),
+            conntrack_flush: self.conntrack.describe(),
             kernel_transactions: self.table.transactions(),
         }
     }

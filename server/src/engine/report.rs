@@ -78,6 +78,8 @@ pub struct StatusReport {
     pub address_presence: String,
     /// Whether our SNAT and MASQUERADE rules carry `--random-fully`, and why.
     pub random_fully: String,
+    /// `--conntrack-flush`: off, or what the last deletions did.
+    pub conntrack_flush: String,
     /// Transactions committed since start.
     pub kernel_transactions: u64,
 }

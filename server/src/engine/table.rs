@@ -331,6 +331,24 @@ impl NatTable {
             .sum()
     }
 
+    /// The sources whose traffic `family` NATs: own mode's `--source-cidr`s of the family; in
+    /// kilo mode the sources of kg's POSTROUTING jumps to KILO-NAT, read from the kernel.
+    pub fn nat_sources(&self, family: Family) -> Result<Vec<ipnet::IpNet>, NetfilterError> {
+        match &self.mode {
+            ModeConfig::Own { source_cidrs, .. } => Ok(source_cidrs
+                .iter()
+                .filter(|net| rules::family_of_net(net) == family)
+                .copied()
+                .collect()),
+            ModeConfig::Kilo => {
+                let postrouting = self.netfilter.read_chain(family, POSTROUTING)?;
+                let rules: Vec<rules::Rule> =
+                    postrouting.into_iter().flatten().map(|o| o.rule).collect();
+                Ok(crate::conntrack::jump_sources(&rules, family))
+            }
+        }
+    }
+
     /// Removes the rules the last commits shadowed. A failure only means the chain changed
     /// meanwhile: the families it returns as failed must be re-checked.
     pub fn tidy(&mut self) -> Tidied {
