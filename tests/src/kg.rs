@@ -235,8 +235,18 @@ pub fn wait_for_snat_before_masquerade(
     kg: &KgAgent<'_>,
     addr: &str,
 ) -> anyhow::Result<()> {
+    wait_for_snat_before_masquerade_within(ipt, kg, addr, REPAIR_TIMEOUT)
+}
+
+/// [`wait_for_snat_before_masquerade`] up to `timeout`.
+pub fn wait_for_snat_before_masquerade_within(
+    ipt: &Iptables<'_>,
+    kg: &KgAgent<'_>,
+    addr: &str,
+    timeout: std::time::Duration,
+) -> anyhow::Result<()> {
     let mut last = (Vec::new(), None);
-    let ok = poll_until(REPAIR_TIMEOUT, || {
+    let ok = poll_until(timeout, || {
         let chain = ipt.rules("KILO-NAT").unwrap_or_default();
         let problem = snat_before_masquerade_problem(&chain, kg, addr);
         let ok = problem.is_none();
@@ -245,7 +255,7 @@ pub fn wait_for_snat_before_masquerade(
     });
     if !ok {
         anyhow::bail!(
-            "KILO-NAT did not get SNAT to {addr} directly before kg's MASQUERADE within {REPAIR_TIMEOUT:?}: {}\nlast seen: {:#?}",
+            "KILO-NAT did not get SNAT to {addr} directly before kg's MASQUERADE within {timeout:?}: {}\nlast seen: {:#?}",
             last.1.unwrap_or_default(),
             last.0
         );

@@ -215,3 +215,40 @@ fn udp_flow_moves_within_a_second_with_conntrack_flush(family: Family, backend: 
     assert_eq!(node_flow_id(&lab, family), node_id);
 }
 for_each_variant!(udp_flow_moves_within_a_second_with_conntrack_flush: nft, legacy);
+
+/// A switch the node's addresses cause (the chosen address leaves, then returns) flushes too.
+fn an_address_change_moves_the_flow_with_conntrack_flush(family: Family, backend: Backend) {
+    if !require_conntrack(module_path!()) {
+        return;
+    }
+    let lab = Lab::new().unwrap();
+    let d = lab
+        .start_daemon(DaemonConfig::own(backend).arg("--conntrack-flush"))
+        .unwrap();
+    let (_probes, log, node_id) = flows_under_masquerade(&lab, family);
+    switch_moves_the_flow(&d, &log, family);
+    let cidr = match family {
+        Family::V4 => format!("{}/32", family.preferred()),
+        Family::V6 => format!("{}/128", family.preferred()),
+    };
+    lab.node_ip(&format!("addr del {cidr} dev up0")).unwrap();
+    assert!(
+        wait_seen(&log, family.primary(), Duration::from_secs(1)),
+        "the address left: the flow did not move to the node's address within 1 s: {:?}{}",
+        last_seen(&log),
+        d.context()
+    );
+    // Checked here, not after the address returns: a re-added IPv6 address is the newest, and
+    // IPv6 source selection may then pick it for the node's own (unbound) flow: a new entry.
+    assert_eq!(node_flow_id(&lab, family), node_id, "the node's own flow");
+    let nodad = if family == Family::V6 { " nodad" } else { "" };
+    lab.node_ip(&format!("addr add {cidr} dev up0{nodad}"))
+        .unwrap();
+    assert!(
+        wait_seen(&log, family.preferred(), Duration::from_secs(1)),
+        "the address returned: the flow did not move back within 1 s: {:?}{}",
+        last_seen(&log),
+        d.context()
+    );
+}
+for_each_variant!(an_address_change_moves_the_flow_with_conntrack_flush: nft, legacy);
