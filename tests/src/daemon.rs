@@ -512,8 +512,8 @@ impl RulesView {
         self.raw["lastError"].as_str().unwrap_or_default()
     }
 
-    /// The human-readable status of `family`, e.g. "waiting for Kilo's agent: ..."; "" when none.
-    pub fn status(&self, family: Family) -> &str {
+    /// The GetRules entry of `family` in `families`, if any.
+    fn family_entry(&self, family: Family) -> Option<&Value> {
         let name = match family {
             Family::V4 => "FAMILY_IPV4",
             Family::V6 => "FAMILY_IPV6",
@@ -523,21 +523,18 @@ impl RulesView {
             .into_iter()
             .flatten()
             .find(|fam| fam["family"].as_str() == Some(name))
+    }
+
+    /// The human-readable status of `family`, e.g. "waiting for Kilo's agent: ..."; "" when none.
+    pub fn status(&self, family: Family) -> &str {
+        self.family_entry(family)
             .and_then(|fam| fam["status"].as_str())
             .unwrap_or_default()
     }
 
     /// Whether GetRules says the chosen address of `family` is not usable on the node.
     pub fn address_absent(&self, family: Family) -> bool {
-        let name = match family {
-            Family::V4 => "FAMILY_IPV4",
-            Family::V6 => "FAMILY_IPV6",
-        };
-        self.raw["families"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|fam| fam["family"].as_str() == Some(name))
+        self.family_entry(family)
             .and_then(|fam| fam["addressAbsent"].as_bool())
             .unwrap_or(false)
     }

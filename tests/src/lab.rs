@@ -167,27 +167,35 @@ pub struct Lab {
 }
 
 impl Lab {
-    /// Creates the namespaces, links, addresses and routes, and starts the upstream listeners.
-    /// Names are unique per process, lab and run: `ke<pid>x<counter><random>` plus `p`, `n`, `u`.
-    pub fn new() -> anyhow::Result<Lab> {
+    /// A lab's names (nothing created yet): unique per process, lab and run,
+    /// `ke<pid>x<counter><random>` plus `p`, `n`, `u`; with `upstream`, that upstream is shared
+    /// and left alone when this lab is dropped.
+    fn named(upstream: Option<String>) -> anyhow::Result<Lab> {
         let base = format!(
             "ke{}x{}{}",
             std::process::id(),
             LAB_COUNTER.fetch_add(1, Ordering::Relaxed),
             random_suffix()
         );
-        let lab = Lab {
+        Ok(Lab {
             pod: format!("{base}p"),
             node: format!("{base}n"),
-            upstream: format!("{base}u"),
+            shares_upstream: upstream.is_some(),
+            upstream: upstream.unwrap_or_else(|| format!("{base}u")),
             dir: tempfile::Builder::new()
                 .prefix("kilo-egress-lab-")
                 .tempdir()
                 .context("create the lab's temporary directory")?,
             children: Mutex::new(Vec::new()),
             daemons: AtomicU32::new(0),
-            shares_upstream: false,
-        };
+        })
+    }
+
+    /// Creates the namespaces, links, addresses and routes, and starts the upstream listeners.
+    /// Names are unique per process, lab and run: `ke<pid>x<counter><random>` plus `p`, `n`, `u`.
+    pub fn new() -> anyhow::Result<Lab> {
+        let lab = Lab::named(None)?;
+        let base = lab.node[..lab.node.len() - 1].to_owned();
         lab.build().with_context(|| format!("build lab {base}"))?;
         Ok(lab)
     }
@@ -198,55 +206,12 @@ impl Lab {
     /// to whichever node holds it as the cloud does ([`Lab::route_floating`]). Dropping it
     /// removes its pod and node, never the shared upstream.
     pub fn second_node(&self) -> anyhow::Result<Lab> {
-        let base = format!(
-            "ke{}x{}{}",
-            std::process::id(),
-            LAB_COUNTER.fetch_add(1, Ordering::Relaxed),
-            random_suffix()
-        );
-        let lab = Lab {
-            pod: format!("{base}p"),
-            node: format!("{base}n"),
-            upstream: self.upstream.clone(),
-            dir: tempfile::Builder::new()
-                .prefix("kilo-egress-lab-")
-                .tempdir()
-                .context("create the lab's temporary directory")?,
-            children: Mutex::new(Vec::new()),
-            daemons: AtomicU32::new(0),
-            shares_upstream: true,
-        };
+        let lab = Lab::named(Some(self.upstream.clone()))?;
+        let base = lab.node[..lab.node.len() - 1].to_owned();
         let (pod, node, up) = (lab.pod.as_str(), lab.node.as_str(), self.upstream.as_str());
-        for ns in [pod, node] {
-            run_ok("ip", &["netns", "add", ns])?;
-            run_in_ok(
-                ns,
-                "sysctl",
-                &[
-                    "-qw",
-                    "net.ipv6.conf.all.accept_dad=0",
-                    "net.ipv6.conf.default.accept_dad=0",
-                ],
-            )?;
-            ip(ns, "link set lo up")?;
-        }
-        run_in_ok(
-            node,
-            "sysctl",
-            &[
-                "-qw",
-                "net.ipv4.ip_forward=1",
-                "net.ipv6.conf.all.forwarding=1",
-            ],
-        )?;
+        add_namespaces(&[pod, node], node)?;
         let upstream_end = format!("n{}", &base[base.len() - 6..]);
-        run_ok(
-            "ip",
-            &[
-                "-n", pod, "link", "add", "eth0", "type", "veth", "peer", "name", "pod0", "netns",
-                node,
-            ],
-        )?;
+        link_pod(pod, node)?;
         run_ok(
             "ip",
             &[
@@ -264,10 +229,6 @@ impl Lab {
                 up,
             ],
         )?;
-        ip(pod, "addr add 10.44.0.2/24 dev eth0")?;
-        ip(pod, "addr add fd00:44::2/64 dev eth0 nodad")?;
-        ip(node, "addr add 10.44.0.1/24 dev pod0")?;
-        ip(node, "addr add fd00:44::1/64 dev pod0 nodad")?;
         ip(node, &format!("addr add {SECOND_NODE_PRIMARY}/24 dev up0"))?;
         ip(
             node,
@@ -286,8 +247,6 @@ impl Lab {
         ] {
             ip(ns, &format!("link set {dev} up"))?;
         }
-        ip(pod, "route add default via 10.44.0.1")?;
-        ip(pod, "-6 route add default via fd00:44::1")?;
         ip(node, "route add default via 10.99.0.1")?;
         ip(node, "-6 route add default via fd00:99::1")?;
         Ok(lab)
@@ -310,37 +269,9 @@ impl Lab {
             self.node.as_str(),
             self.upstream.as_str(),
         );
-        for ns in [pod, node, up] {
-            run_ok("ip", &["netns", "add", ns])?;
-            // No duplicate address detection: addresses are usable at once.
-            run_in_ok(
-                ns,
-                "sysctl",
-                &[
-                    "-qw",
-                    "net.ipv6.conf.all.accept_dad=0",
-                    "net.ipv6.conf.default.accept_dad=0",
-                ],
-            )?;
-            ip(ns, "link set lo up")?;
-        }
-        run_in_ok(
-            node,
-            "sysctl",
-            &[
-                "-qw",
-                "net.ipv4.ip_forward=1",
-                "net.ipv6.conf.all.forwarding=1",
-            ],
-        )?;
+        add_namespaces(&[pod, node, up], node)?;
         // Veths are created inside the namespaces, never in the root namespace.
-        run_ok(
-            "ip",
-            &[
-                "-n", pod, "link", "add", "eth0", "type", "veth", "peer", "name", "pod0", "netns",
-                node,
-            ],
-        )?;
+        link_pod(pod, node)?;
         run_ok(
             "ip",
             &[
@@ -349,10 +280,6 @@ impl Lab {
             ],
         )?;
 
-        ip(pod, "addr add 10.44.0.2/24 dev eth0")?;
-        ip(pod, "addr add fd00:44::2/64 dev eth0 nodad")?;
-        ip(node, "addr add 10.44.0.1/24 dev pod0")?;
-        ip(node, "addr add fd00:44::1/64 dev pod0 nodad")?;
         ip(node, "addr add 192.0.2.10/24 dev up0")?;
         ip(node, "addr add 198.51.100.20/32 dev up0")?;
         // IPv6 source selection breaks ties by taking the most recently added address, and the
@@ -364,11 +291,9 @@ impl Lab {
         ip(up, "addr add 2001:db8:1::1/64 dev eth0 nodad")?;
         ip(up, "addr add 203.0.113.1/32 dev lo")?;
         ip(up, "addr add 2001:db8:ff::1/128 dev lo")?;
-        for (ns, dev) in [(pod, "eth0"), (node, "pod0"), (node, "up0"), (up, "eth0")] {
+        for (ns, dev) in [(node, "up0"), (up, "eth0")] {
             ip(ns, &format!("link set {dev} up"))?;
         }
-        ip(pod, "route add default via 10.44.0.1")?;
-        ip(pod, "-6 route add default via fd00:44::1")?;
         ip(node, "route add default via 192.0.2.1")?;
         ip(node, "-6 route add default via 2001:db8:1::1")?;
         ip(up, "route add 198.51.100.0/24 via 192.0.2.10")?;
@@ -537,6 +462,54 @@ impl Drop for Lab {
             );
         }
     }
+}
+
+/// Links `pod` to `node` (`eth0` ↔ `pod0`) with the lab's pod addresses, both links up, and the
+/// pod's default routes through the node.
+fn link_pod(pod: &str, node: &str) -> anyhow::Result<()> {
+    run_ok(
+        "ip",
+        &[
+            "-n", pod, "link", "add", "eth0", "type", "veth", "peer", "name", "pod0", "netns", node,
+        ],
+    )?;
+    ip(pod, "addr add 10.44.0.2/24 dev eth0")?;
+    ip(pod, "addr add fd00:44::2/64 dev eth0 nodad")?;
+    ip(node, "addr add 10.44.0.1/24 dev pod0")?;
+    ip(node, "addr add fd00:44::1/64 dev pod0 nodad")?;
+    ip(pod, "link set eth0 up")?;
+    ip(node, "link set pod0 up")?;
+    ip(pod, "route add default via 10.44.0.1")?;
+    ip(pod, "-6 route add default via fd00:44::1")?;
+    Ok(())
+}
+
+/// Creates `namespaces` without duplicate address detection (addresses usable at once) and with
+/// `lo` up; `router` forwards IPv4 and IPv6.
+fn add_namespaces(namespaces: &[&str], router: &str) -> anyhow::Result<()> {
+    for ns in namespaces {
+        run_ok("ip", &["netns", "add", ns])?;
+        run_in_ok(
+            ns,
+            "sysctl",
+            &[
+                "-qw",
+                "net.ipv6.conf.all.accept_dad=0",
+                "net.ipv6.conf.default.accept_dad=0",
+            ],
+        )?;
+        ip(ns, "link set lo up")?;
+    }
+    run_in_ok(
+        router,
+        "sysctl",
+        &[
+            "-qw",
+            "net.ipv4.ip_forward=1",
+            "net.ipv6.conf.all.forwarding=1",
+        ],
+    )?;
+    Ok(())
 }
 
 fn ip(ns: &str, args: &str) -> anyhow::Result<Captured> {
