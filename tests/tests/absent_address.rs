@@ -226,6 +226,21 @@ fn set_with_an_absent_address_warns_and_masquerades(family: Family, backend: Bac
         Family::V4 => "198.51.100.99",
         Family::V6 => "2001:db8:2::99",
     };
+    // A dry run says what would happen, and changes nothing.
+    let before = d.must(lab.nat_dumps(backend));
+    let out = d.must(d.cli(&["set", "--dry-run", absent]));
+    assert!(out.success(), "{out}");
+    assert!(
+        out.stdout.contains(&format!(
+            "{absent} is not assigned to any interface: MASQUERADE until it is usable"
+        )),
+        "the dry run warns, naming the address: {out}"
+    );
+    assert_eq!(
+        d.must(lab.nat_dumps(backend)),
+        before,
+        "a dry run writes nothing"
+    );
     let out = d.must(d.cli(&["set", absent]));
     assert!(out.success(), "an absent address is accepted: {out}");
     assert!(
