@@ -449,7 +449,7 @@ impl Engine {
             addrs: request.parsed.addrs,
             generation,
             warnings: request.parsed.warnings(),
-            rules,
+            rules: rules.into(),
             dry_run: true,
         }
     }
