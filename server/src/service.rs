@@ -69,7 +69,7 @@ fn family_rules(report: &FamilyReport) -> pb::FamilyRules {
             .rules
             .iter()
             .map(|r| pb::Rule {
-                chain: r.observed.rule.chain.clone(),
+                chain: r.observed.rule.chain.to_string(),
                 spec: r.observed.rule.spec(),
                 packets: r.observed.packets,
                 bytes: r.observed.bytes,

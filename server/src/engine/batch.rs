@@ -115,7 +115,7 @@ impl Engine {
                 } else {
                     debug!(requester = %requesters, "egress unchanged");
                 }
-                let rules = self.settled_reports(&new.addrs, results);
+                let rules: Arc<[_]> = self.settled_reports(&new.addrs, results).into();
                 for (request, state, reply) in requests {
                     let mut warnings = request.parsed.warnings();
                     if state.generation != new.generation {

@@ -589,7 +589,7 @@ impl Engine {
                 self.absence_warnings(&request.parsed.addrs),
             ]
             .concat(),
-            rules,
+            rules: rules.into(),
             dry_run: true,
         }
     }

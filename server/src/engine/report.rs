@@ -4,6 +4,7 @@
 
 use kilo_egress_api::egress::{EgressAddrs, Family, Mode};
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use super::table::{ReadBack, Reconciled};
@@ -43,8 +44,9 @@ pub struct SetOutcome {
     pub generation: u64,
     /// Ignored addresses and other remarks.
     pub warnings: Vec<String>,
-    /// The rules as programmed (or as they would be, for a dry run).
-    pub rules: Vec<FamilyReport>,
+    /// The rules as programmed (or as they would be, for a dry run); shared by every request of
+    /// a batch, so a burst of coalesced calls holds one copy, not one per call.
+    pub rules: Arc<[FamilyReport]>,
     /// Whether this was a dry run.
     pub dry_run: bool,
 }

@@ -129,12 +129,23 @@ async fn concurrent_sets_are_coalesced() {
             tokio::spawn(async move { handle.set(set(&[&format!("198.51.100.{i}")])).await })
         })
         .collect();
+    let mut outcomes = Vec::new();
     for call in calls {
-        call.await.unwrap().unwrap();
+        outcomes.push(call.await.unwrap().unwrap());
     }
     let used = fake.transactions() - before;
     assert!(used < 50, "50 calls cost {used} transactions");
     assert_eq!(handle.status().await.unwrap().generation, g0 + 50);
+    // The calls of one batch share one report of the rules: a burst of 1,000 calls on a large
+    // chain would otherwise hold 1,000 copies of it (docs/BENCHMARKS.md, peak RSS).
+    let reports: std::collections::HashSet<*const [FamilyReport]> =
+        outcomes.iter().map(|o| Arc::as_ptr(&o.rules)).collect();
+    assert!(
+        reports.len() < outcomes.len(),
+        "{} calls answered with {} separate reports",
+        outcomes.len(),
+        reports.len()
+    );
 }
 
 #[tokio::test]

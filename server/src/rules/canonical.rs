@@ -5,6 +5,7 @@
 use ipnet::IpNet;
 use std::fmt;
 use std::net::IpAddr;
+use std::sync::{Arc, LazyLock};
 
 /// The nat chain whose egress decision the service owns.
 pub const KILO_NAT: &str = "KILO-NAT";
@@ -21,19 +22,22 @@ const COMMENT_RETURN: &str = "kilo-egress: do not NAT this destination";
 const COMMENT_JUMP: &str = "kilo-egress: jump to KILO-NAT";
 
 /// One rule in canonical `iptables -S` form, split into its chain and the text after `-A CHAIN `.
+/// Its text is shared, not copied, by its clones: the engine holds a chain several times over
+/// (as read, as desired, as a plan leaves it, in a reply), and with 10,000 rules each copy of the
+/// text would cost about a megabyte.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Rule {
     /// The chain that holds the rule.
-    pub chain: String,
+    pub chain: Arc<str>,
     /// The match and target part, e.g. `-m comment --comment "..." -j MASQUERADE`.
-    pub args: String,
+    pub args: Arc<str>,
 }
 
 impl Rule {
     fn new(chain: &str, args: String) -> Rule {
         Rule {
-            chain: chain.to_string(),
-            args,
+            chain: chain_name(chain),
+            args: args.into(),
         }
     }
 
@@ -55,7 +59,7 @@ impl Rule {
     /// every match, so the last ` -j ` outside quotes is it; no full tokenizing is needed (this
     /// runs for every rule of a chain on every change).
     pub fn target(&self) -> Option<String> {
-        let args = self.args.as_str();
+        let args = &*self.args;
         let start = if let Some(rest) = args.strip_prefix("-j ") {
             Some(args.len() - rest.len())
         } else {
@@ -97,6 +101,17 @@ impl Rule {
                 .comment()
                 .is_some_and(|c| c.starts_with(OWNED_COMMENT_PREFIX))
     }
+}
+
+/// The name of a chain; the chains the service reads and writes share one string each.
+fn chain_name(name: &str) -> Arc<str> {
+    static KNOWN: LazyLock<[Arc<str>; 2]> =
+        LazyLock::new(|| [Arc::from(KILO_NAT), Arc::from(POSTROUTING)]);
+    KNOWN
+        .iter()
+        .find(|known| ***known == *name)
+        .cloned()
+        .unwrap_or_else(|| name.into())
 }
 
 /// Whether the end of `text` lies outside a double-quoted string (`\"` escapes a quote).
@@ -273,6 +288,20 @@ mod tests {
         );
         assert!(rules[0].rule.is_owned());
         assert_eq!(rules[0].rule.target().as_deref(), Some("SNAT"));
+    }
+
+    #[test]
+    fn copies_of_a_chain_share_its_text() {
+        // The engine holds a chain several times over; each copy must not copy the rule text
+        // (a 10,000-rule chain is about a megabyte of it).
+        let listing =
+            "-A KILO-NAT -d 10.0.0.1/32 -j RETURN\n-A KILO-NAT -d 10.0.0.2/32 -j RETURN\n";
+        let rules = parse_listing(listing);
+        let copy = rules.clone();
+        assert!(Arc::ptr_eq(&rules[0].rule.args, &copy[0].rule.args));
+        assert!(Arc::ptr_eq(&rules[0].rule.chain, &rules[1].rule.chain));
+        let rendered = return_rule("10.0.0.3/32".parse().unwrap());
+        assert!(Arc::ptr_eq(&rendered.chain, &rules[0].rule.chain));
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! everything the service wrote ([`plan_cleanup`]). Pure: values in, values out.
 
 use std::fmt;
+use std::sync::Arc;
 
 use super::canonical::{KILO_NAT, POSTROUTING, Rule};
 use super::desired::{Desired, ModeConfig, Observed};
@@ -21,14 +22,14 @@ pub enum Line {
         /// Where the rule goes, 1-based.
         position: usize,
         /// The rule's arguments in canonical form.
-        args: String,
+        args: Arc<str>,
     },
     /// `-D CHAIN ARGS`: deletes the first rule that matches.
     Delete {
         /// The chain.
         chain: &'static str,
         /// The rule's arguments in canonical form.
-        args: String,
+        args: Arc<str>,
     },
     /// `-X CHAIN`: deletes an empty chain nothing jumps to.
     DeleteChain(&'static str),
@@ -437,7 +438,7 @@ mod tests {
         };
         for (case, read) in [("no SNAT yet", kg_chain()), ("switch", with_stale)] {
             let fake = FakeNetfilter::new();
-            let args: Vec<String> = read.iter().map(|r| r.args.clone()).collect();
+            let args: Vec<String> = read.iter().map(|r| r.args.to_string()).collect();
             fake.tamper_silently(Family::Ipv4, |t| {
                 t.insert(KILO_NAT.into(), args);
             });
