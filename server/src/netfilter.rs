@@ -364,21 +364,8 @@ impl Netfilter for IptablesCli {
             command: command.to_string(),
             error,
         };
-        let mut child = Command::new(command)
-            .args(["--noflush", "--wait", "10"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(spawn_error)?;
-        // A tool that exits before reading all of its input closes the pipe: what it printed
-        // and its exit status say why, not the write error; and it must be waited for either way.
-        let written = match child.stdin.take() {
-            Some(mut stdin) => stdin.write_all(input.as_bytes()),
-            None => Ok(()),
-        };
-        let pid = child.id();
-        let output = child.wait_with_output().map_err(spawn_error)?;
+        let (pid, output, written) =
+            run_restore(command, &["--noflush", "--wait", "10"], input).map_err(spawn_error)?;
         if output.status.success() {
             written.map_err(spawn_error)?;
             self.last_writer.store(pid, Ordering::SeqCst);
@@ -424,6 +411,29 @@ impl Netfilter for IptablesCli {
     }
 }
 
+/// Runs `command args` with `input` on stdin and waits for it: its pid, its output (stderr
+/// captured), and whether all of the input was written. A tool that exits before reading all of
+/// its input closes the pipe: what it printed and its exit status say why, not the write error;
+/// and it must be waited for either way.
+fn run_restore(
+    command: &str,
+    args: &[&str],
+    input: &str,
+) -> std::io::Result<(u32, std::process::Output, std::io::Result<()>)> {
+    let mut child = Command::new(command)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let written = match child.stdin.take() {
+        Some(mut stdin) => stdin.write_all(input.as_bytes()),
+        None => Ok(()),
+    };
+    let pid = child.id();
+    Ok((pid, child.wait_with_output()?, written))
+}
+
 /// Whether `iptables-restore` of `backend` accepts `--random-fully` for every family in
 /// `families`: one `--test` run per family (parsed and checked, never committed) of a throwaway
 /// chain with `-j MASQUERADE --random-fully`. `Err` says which tool refused it and how.
@@ -431,18 +441,7 @@ pub fn detect_random_fully(backend: Backend, families: &[Family]) -> Result<(), 
     const PROBE: &str = "*nat\n:KILO-EGRESS-PROBE - [0:0]\n-A KILO-EGRESS-PROBE -j MASQUERADE --random-fully\nCOMMIT\n";
     for family in families {
         let command = backend.restore_command(*family);
-        let mut child = Command::new(command)
-            .args(["--test", "--noflush", "--wait", "10"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| format!("{command}: {e}"))?;
-        if let Some(mut stdin) = child.stdin.take() {
-            let _ = stdin.write_all(PROBE.as_bytes());
-        }
-        let output = child
-            .wait_with_output()
+        let (_, output, _) = run_restore(command, &["--test", "--noflush", "--wait", "10"], PROBE)
             .map_err(|e| format!("{command}: {e}"))?;
         if !output.status.success() {
             let stderr = String::from_utf8_lossy(&output.stderr);

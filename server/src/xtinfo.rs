@@ -41,13 +41,6 @@ pub struct TableShape {
     size: u32,
 }
 
-impl TableShape {
-    /// The number of rule entries in the table (chain heads and policies included).
-    pub fn entries(&self) -> u32 {
-        self.num_entries
-    }
-}
-
 /// The shape of the legacy nat table of `family` in this network namespace. Fails when the
 /// caller lacks CAP_NET_ADMIN/CAP_NET_RAW or the kernel has no legacy nat table.
 pub fn nat_table_shape(family: Family) -> std::io::Result<TableShape> {

@@ -11,19 +11,34 @@ use kilo_egress_tests::{
     SECOND_NODE_PRIMARY_V6, cmd, for_each_variant, poll_until, require_root,
 };
 
+/// `addr` as a host prefix (/32 or /128), as the lab assigns the preferred address.
+fn host(addr: &str) -> String {
+    let prefix = if addr.contains(':') { 128 } else { 32 };
+    format!("{addr}/{prefix}")
+}
+
 /// The preferred address with its prefix, as the lab assigns it to the node's `up0`.
 fn preferred_cidr(family: Family) -> String {
-    match family {
-        Family::V4 => format!("{}/32", family.preferred()),
-        Family::V6 => format!("{}/128", family.preferred()),
-    }
+    host(family.preferred())
+}
+
+/// Assigns `addr` to the node's `dev`, usable at once (no DAD, like the lab's own addresses).
+fn assign(lab: &Lab, addr: &str, dev: &str) {
+    let nodad = if addr.contains(':') { " nodad" } else { "" };
+    lab.node_ip(&format!("addr add {} dev {dev}{nodad}", host(addr)))
+        .unwrap();
+}
+
+/// Takes `addr` off the node's `dev`.
+fn unassign(lab: &Lab, addr: &str, dev: &str) {
+    lab.node_ip(&format!("addr del {} dev {dev}", host(addr)))
+        .unwrap();
 }
 
 /// Takes the preferred address off the node, as a cloud moving it elsewhere does: removed from
 /// `up0`, and upstream no longer routes it back to this node.
 fn move_address_away(lab: &Lab, family: Family) {
-    lab.node_ip(&format!("addr del {} dev up0", preferred_cidr(family)))
-        .unwrap();
+    unassign(lab, family.preferred(), "up0");
     let out = lab
         .exec(
             &lab.upstream,
@@ -44,12 +59,7 @@ fn bring_address_back(lab: &Lab, family: Family) {
         )
         .unwrap();
     assert!(out.success(), "{out}");
-    let nodad = if family == Family::V6 { " nodad" } else { "" };
-    lab.node_ip(&format!(
-        "addr add {} dev up0{nodad}",
-        preferred_cidr(family)
-    ))
-    .unwrap();
+    assign(lab, family.preferred(), "up0");
 }
 
 fn an_absent_address_falls_back_to_masquerade_until_it_returns(family: Family, backend: Backend) {
@@ -177,18 +187,12 @@ fn an_address_moved_between_interfaces_costs_nothing(family: Family, backend: Ba
     let preferred = family.preferred();
     d.must(d.cli_ok(&["set", preferred]));
     let settled = d.must(d.get_rules()).kernel_transactions();
-    let nodad = if family == Family::V6 { " nodad" } else { "" };
     // A second interface of the node (veth: this kernel may have no dummy module).
     lab.node_ip("link add egress1 type veth peer name egress1p")
         .unwrap();
     lab.node_ip("link set egress1 up").unwrap();
-    lab.node_ip(&format!(
-        "addr add {} dev egress1{nodad}",
-        preferred_cidr(family)
-    ))
-    .unwrap();
-    lab.node_ip(&format!("addr del {} dev up0", preferred_cidr(family)))
-        .unwrap();
+    assign(&lab, preferred, "egress1");
+    unassign(&lab, preferred, "up0");
     // An IPv4 link going down removes no address, so nothing changes either. (IPv6 addresses
     // really are removed on link down unless keep_addr_on_down is set: that is an absence.)
     if family == Family::V4 {
@@ -261,10 +265,7 @@ fn set_with_an_absent_address_warns_and_masquerades(family: Family, backend: Bac
     );
     assert_eq!(d.must(lab.seen_source(family)), family.primary());
     // The address is attached later (the cloud was slow): SNAT to it, no call needed.
-    let nodad = if family == Family::V6 { " nodad" } else { "" };
-    let prefix = if family == Family::V4 { 32 } else { 128 };
-    lab.node_ip(&format!("addr add {absent}/{prefix} dev up0{nodad}"))
-        .unwrap();
+    assign(&lab, absent, "up0");
     let snat = poll_until(REPAIR_TIMEOUT, || {
         d.get_rules().is_ok_and(|v| {
             v.specs(family)
@@ -378,15 +379,11 @@ fn a_floating_address_moves_which_node_snats_to_it(family: Family, backend: Back
         Family::V4 => ("198.51.100.50", "192.0.2.10", SECOND_NODE_PRIMARY),
         Family::V6 => ("2001:db8:2::50", "2001:db8:1::10", SECOND_NODE_PRIMARY_V6),
     };
-    let prefix = if family == Family::V4 { 32 } else { 128 };
-    let nodad = if family == Family::V6 { " nodad" } else { "" };
     let first = Lab::new().unwrap();
     let second = first.second_node().unwrap();
     let a = first.start_daemon(DaemonConfig::own(backend)).unwrap();
     let b = second.start_daemon(DaemonConfig::own(backend)).unwrap();
-    first
-        .node_ip(&format!("addr add {floating}/{prefix} dev up0{nodad}"))
-        .unwrap();
+    assign(&first, floating, "up0");
     first.route_floating(floating, first_primary).unwrap();
     for d in [&a, &b] {
         let out = d.must(d.cli(&["set", floating]));
@@ -397,27 +394,23 @@ fn a_floating_address_moves_which_node_snats_to_it(family: Family, backend: Back
     assert!(b.must(b.get_rules()).address_absent(family));
 
     // The address moves to the second node.
-    first
-        .node_ip(&format!("addr del {floating}/{prefix} dev up0"))
-        .unwrap();
-    second
-        .node_ip(&format!("addr add {floating}/{prefix} dev up0{nodad}"))
-        .unwrap();
-    first.route_floating(floating, second_primary).unwrap();
+    hand_over(&first, &second, floating, second_primary);
     b.must(second.wait_for_source(family, floating, REPAIR_TIMEOUT));
     a.must(first.wait_for_source(family, first_primary, REPAIR_TIMEOUT));
     assert!(a.must(a.get_rules()).address_absent(family));
     assert!(!b.must(b.get_rules()).address_absent(family));
 
     // And back.
-    second
-        .node_ip(&format!("addr del {floating}/{prefix} dev up0"))
-        .unwrap();
-    first
-        .node_ip(&format!("addr add {floating}/{prefix} dev up0{nodad}"))
-        .unwrap();
-    first.route_floating(floating, first_primary).unwrap();
+    hand_over(&second, &first, floating, first_primary);
     a.must(first.wait_for_source(family, floating, REPAIR_TIMEOUT));
     b.must(second.wait_for_source(family, second_primary, REPAIR_TIMEOUT));
+}
+
+/// Moves `floating` from the node of `from` to the node of `to`, whose address upstream routes
+/// it to from now on (`via`), as a cloud or keepalived moves a floating address.
+fn hand_over(from: &Lab, to: &Lab, floating: &str, via: &str) {
+    unassign(from, floating, "up0");
+    assign(to, floating, "up0");
+    from.route_floating(floating, via).unwrap();
 }
 for_each_variant!(a_floating_address_moves_which_node_snats_to_it: nft, legacy);

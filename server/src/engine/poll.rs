@@ -150,11 +150,6 @@ impl PollGate {
         self.poll_interval.max(budgeted)
     }
 
-    /// The smoothed cost of reading every managed family once.
-    pub fn read_cost(&self) -> Duration {
-        self.read_cost
-    }
-
     /// The families to read at `now`, given each managed family's current shape; empty when
     /// nothing needs reading or the budget says wait (the next poll asks again).
     pub fn to_read(

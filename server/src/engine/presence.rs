@@ -50,11 +50,6 @@ impl AddressPresence {
         self.view = None;
     }
 
-    /// Whether addresses are followed.
-    pub fn is_following(&self) -> bool {
-        self.view.is_some()
-    }
-
     /// The state of `addr`; usable while addresses are not followed.
     pub fn presence(&self, addr: IpAddr) -> Presence {
         match &self.view {
