@@ -41,6 +41,14 @@ pub fn decision_lines(response: &api::SetEgressResponse, request: Request) -> Ve
                 Family::Ipv4 => &pair.ipv4,
                 Family::Ipv6 => &pair.ipv6,
             };
+            let report = report_of(&response.rules, family);
+            // The chosen address is not on the node: what is programmed meanwhile is the news,
+            // in the server's words ("198.51.100.20 is not assigned to any interface:
+            // MASQUERADE until it is usable"), not "SNAT to".
+            if let Some(report) = report.filter(|r| r.address_absent) {
+                let note = report.status.split("; ").next().unwrap_or_default();
+                return format!("{family}: {note}");
+            }
             let mut line = if addr.is_empty() {
                 match request {
                     Request::Set => format!("{family}: MASQUERADE (no {family} address given)"),
@@ -49,10 +57,8 @@ pub fn decision_lines(response: &api::SetEgressResponse, request: Request) -> Ve
             } else {
                 format!("{family}: SNAT to {addr}")
             };
-            if let Some(report) = report_of(&response.rules, family) {
-                let noteworthy = !report.in_sync
-                    || report.address_absent
-                    || report.status.starts_with("not managed");
+            if let Some(report) = report {
+                let noteworthy = !report.in_sync || report.status.starts_with("not managed");
                 if noteworthy && !restates_decision(&report.status) {
                     line.push_str(&format!(" ({})", report.status));
                 }
@@ -69,12 +75,14 @@ pub fn extra_warnings<'a>(response: &'a api::SetEgressResponse, lines: &[String]
         .warnings
         .iter()
         .filter(|warning| {
-            !response.rules.iter().any(|report| {
-                Family::try_from(report.family).is_ok_and(|family| {
-                    **warning == format!("{family}: {}", report.status)
-                        && lines.iter().any(|l| l.contains(&report.status))
+            // A decision line that already says it (an absent address).
+            !lines.iter().any(|line| line == *warning)
+                && !response.rules.iter().any(|report| {
+                    Family::try_from(report.family).is_ok_and(|family| {
+                        **warning == format!("{family}: {}", report.status)
+                            && lines.iter().any(|l| l.contains(&report.status))
+                    })
                 })
-            })
         })
         .map(String::as_str)
         .collect()
@@ -153,6 +161,28 @@ mod tests {
                 "IPv6: SNAT to 2001:db8::20"
             ]
         );
+    }
+
+    #[test]
+    fn an_absent_address_says_what_is_programmed_meanwhile_once() {
+        let note = "198.51.100.20 is not assigned to any interface: MASQUERADE until it is usable";
+        let mut absent = family(pb::Family::Ipv4, &format!("{note}; MASQUERADE"), true);
+        absent.address_absent = true;
+        let mut response = reply(
+            "198.51.100.20",
+            "",
+            vec![absent, family(pb::Family::Ipv6, "MASQUERADE", true)],
+        );
+        response.warnings = vec![format!("IPv4: {note}")];
+        let lines = decision_lines(&response, Request::Set);
+        assert_eq!(
+            lines,
+            [
+                format!("IPv4: {note}"),
+                "IPv6: MASQUERADE (no IPv6 address given)".to_string()
+            ]
+        );
+        assert!(extra_warnings(&response, &lines).is_empty());
     }
 
     #[test]
