@@ -50,6 +50,8 @@ grpcurl -version 2>&1
 
 step "Setup: Python grpcio (tests/setup/python.sh)"; source tests/setup/python.sh
 source tests/setup/kubernetes.sh
+# shellcheck source=tests/setup/promtool.sh
+source tests/setup/promtool.sh
 # shellcheck source=tests/setup/kg.sh
 source tests/setup/kg.sh
 # shellcheck source=tests/setup/podman.sh

@@ -6,6 +6,8 @@
 
 pub mod convert;
 pub mod egress;
+#[cfg(feature = "metrics-http")]
+pub mod metrics_http;
 
 /// Generated protobuf and gRPC types of package `kilo.egress.v1`.
 #[allow(missing_docs, clippy::all)]

@@ -16,6 +16,7 @@ use std::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::conntrack::{self, Decision, Selection};
+use crate::metrics::Metrics;
 
 /// The tool that lists the conntrack table.
 const TOOL: &str = "conntrack";
@@ -121,19 +122,25 @@ struct Job {
 pub struct ConntrackFlush {
     jobs: mpsc::Sender<Job>,
     outcomes: Arc<Mutex<BTreeMap<Family, Outcome>>>,
+    metrics: Arc<Metrics>,
 }
 
 impl ConntrackFlush {
-    /// Starts the deleting thread.
-    pub fn start() -> ConntrackFlush {
+    /// Starts the deleting thread, which counts what it deletes (or fails to) into `metrics`.
+    pub fn start(metrics: Arc<Metrics>) -> ConntrackFlush {
         let (jobs, inbox) = mpsc::channel();
         let outcomes = Arc::new(Mutex::new(BTreeMap::new()));
         let shared = outcomes.clone();
+        let counted = metrics.clone();
         std::thread::Builder::new()
             .name("egress-conntrack".into())
-            .spawn(move || run(inbox, shared))
+            .spawn(move || run(inbox, shared, &counted))
             .expect("spawn conntrack thread");
-        ConntrackFlush { jobs, outcomes }
+        ConntrackFlush {
+            jobs,
+            outcomes,
+            metrics,
+        }
     }
 
     /// `family` now programs `new` instead of `old`: delete the flows `old` NATed from
@@ -161,6 +168,7 @@ impl ConntrackFlush {
     /// The family could not be prepared (its NATed sources unreadable): say so in GetRules.
     pub fn failed(&self, family: Family, why: String) {
         warn!(%family, error = %why, "conntrack entries of the old egress decision not deleted");
+        self.metrics.conntrack_flush_failed(family);
         self.set(family, Outcome::Failed(why));
     }
 
@@ -203,7 +211,11 @@ impl ConntrackFlush {
 
 /// The deleting thread: drains the queue, merges the changes of a family that came together
 /// (every old decision goes, the latest new one stays), deletes, records.
-fn run(inbox: mpsc::Receiver<Job>, outcomes: Arc<Mutex<BTreeMap<Family, Outcome>>>) {
+fn run(
+    inbox: mpsc::Receiver<Job>,
+    outcomes: Arc<Mutex<BTreeMap<Family, Outcome>>>,
+    metrics: &Metrics,
+) {
     while let Ok(first) = inbox.recv() {
         let mut merged: BTreeMap<Family, Job> = BTreeMap::new();
         for job in std::iter::once(first).chain(inbox.try_iter()) {
@@ -231,6 +243,7 @@ fn run(inbox: mpsc::Receiver<Job>, outcomes: Arc<Mutex<BTreeMap<Family, Outcome>
                         duration_ms = job.started.elapsed().as_secs_f64() * 1000.0,
                         "deleted conntrack entries of the old egress decision"
                     );
+                    metrics.conntrack_deleted(family, deleted);
                     Outcome::Done {
                         old: job.selection.old,
                         new: job.selection.new,
@@ -239,6 +252,7 @@ fn run(inbox: mpsc::Receiver<Job>, outcomes: Arc<Mutex<BTreeMap<Family, Outcome>
                 }
                 Err(why) => {
                     warn!(%family, error = %why, "deleting conntrack entries of the old egress decision failed");
+                    metrics.conntrack_flush_failed(family);
                     Outcome::Failed(why)
                 }
             };

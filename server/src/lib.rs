@@ -22,6 +22,7 @@ pub mod conntrack;
 pub mod ctflush;
 pub mod engine;
 pub mod listen;
+pub mod metrics;
 pub mod netfilter;
 pub mod nftwatch;
 pub mod peer;

@@ -5,9 +5,11 @@ use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
 use kilo_egress_api::DEFAULT_SOCKET;
 use kilo_egress_api::egress::Family;
+use kilo_egress_api::metrics_http;
 use kilo_egressd::engine::presence::AbsentPolicy;
 use kilo_egressd::engine::{self, Engine, EngineConfig};
 use kilo_egressd::listen::ListenAddr;
+use kilo_egressd::metrics::Metrics;
 use kilo_egressd::netfilter::{self, Backend, BackendChoice, IptablesCli, choose_backend};
 use kilo_egressd::rules::{ModeConfig, family_of_net};
 use kilo_egressd::server::{self, Limits};
@@ -100,6 +102,10 @@ struct RunArgs {
     listen: Vec<String>,
     #[command(flatten)]
     security: SecurityArgs,
+    /// Serve Prometheus metrics at http://ADDR:PORT/metrics (plain HTTP: bind to loopback or the
+    /// node's own address; the metrics carry no secrets). Off unless given.
+    #[arg(long, env = "KILO_EGRESS_METRICS_LISTEN", value_name = "ADDR:PORT")]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// Own mode: pod CIDR whose traffic is NATed (repeatable or comma-separated; IPv4 and/or IPv6).
     #[arg(long, env = "KILO_EGRESS_SOURCE_CIDRS", value_delimiter = ',')]
     source_cidr: Vec<IpNet>,
@@ -329,6 +335,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     // Before any rule is read: one instance per network namespace.
     let _claim = claim::claim().await?;
+    // Before any rule is read, so a bad address changes nothing.
+    let metrics_listener = match args.metrics_listen {
+        Some(addr) => Some(metrics_http::bind(addr).await?),
+        None => None,
+    };
     let (backend, backend_reason) = choose_backend(args.common.iptables_backend);
     let netfilter = Arc::new(IptablesCli::new(backend)?);
     info!(
@@ -353,11 +364,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         random_fully,
         random_fully_reason,
         conntrack_flush: args.conntrack_flush,
+        metrics: Arc::new(Metrics::new()),
     };
+    let metrics = config.metrics.clone();
     let (handle, _engine) = tokio::task::spawn_blocking(move || {
         Engine::start(config, netfilter, StateStore::new(&args.common.state_dir))
     })
     .await?;
+    if let Some(listener) = metrics_listener {
+        info!(addr = %listener.local_addr()?, "serving Prometheus metrics at /metrics");
+        let registry = metrics.registry().clone();
+        tokio::spawn(async move {
+            if let Err(e) = metrics_http::serve(listener, registry, std::future::pending()).await {
+                tracing::error!(error = %e, "serving metrics failed");
+            }
+        });
+    }
     server::serve_all(
         &listens,
         handle,

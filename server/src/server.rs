@@ -19,6 +19,7 @@ use crate::authority::AuthorityRewritingStream;
 use crate::authz::Authorizer;
 use crate::engine::EngineHandle;
 use crate::listen::{ListenAddr, ListenError, bind_unix, set_socket_group};
+use crate::metrics::grpc::SetEgressCounterLayer;
 use crate::peer::{PeerIo, PeerKind};
 use crate::service::EgressApi;
 use crate::tls::TlsReloader;
@@ -148,7 +149,9 @@ pub async fn serve_all(
             .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
+    let set_egress_counter = SetEgressCounterLayer::new(engine.metrics());
     let router = Server::builder()
+        .layer(set_egress_counter)
         .timeout(limits.request_timeout)
         .concurrency_limit_per_connection(limits.per_connection)
         .layer(tower::limit::GlobalConcurrencyLimitLayer::new(

@@ -36,6 +36,7 @@ impl EngineConfig {
             random_fully: false,
             random_fully_reason: "off (test)".into(),
             conntrack_flush: false,
+            metrics: std::sync::Arc::default(),
         }
     }
 }

@@ -29,11 +29,13 @@
 pub mod busy;
 pub mod cmd;
 pub mod daemon;
+pub mod faults;
 pub mod kg;
 pub mod kube;
 pub mod lab;
 pub mod pki;
 pub mod podman;
+pub mod prom;
 pub mod realkg;
 pub mod remote;
 

@@ -4,36 +4,11 @@
 //! be repaired turns health NOT_SERVING; once restores work again, the retry loop (not the 1-hour
 //! safety check the nft harness sets) repairs the chain and every trace of the failure is gone.
 
+use kilo_egress_tests::faults::{path_first, restore_wrappers};
 use kilo_egress_tests::{
     Backend, DaemonConfig, Family, Lab, REPAIR_TIMEOUT, for_each_backend, poll_until,
 };
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
-
-/// Writes wrappers for the backend's restore tools into `dir`: they fail while `dir/refuse`
-/// exists and run the real tool otherwise (with `exec`, so the netlink port id stays the
-/// tool's own pid).
-fn restore_wrappers(dir: &Path, backend: Backend) -> PathBuf {
-    std::fs::create_dir_all(dir).unwrap();
-    for family in Family::ALL {
-        let name = format!("{}-{}-restore", family.iptables(), backend.name());
-        let real = ["/usr/sbin", "/sbin", "/usr/bin"]
-            .iter()
-            .map(|d| Path::new(d).join(&name))
-            .find(|p| p.exists())
-            .unwrap_or_else(|| panic!("{name} not found"));
-        let script = format!(
-            "#!/bin/sh\nif [ -e '{flag}' ]; then echo \"{name}: refused by the test (broken tool)\" >&2; exit 1; fi\nexec '{real}' \"$@\"\n",
-            flag = dir.join("refuse").display(),
-            real = real.display(),
-        );
-        let path = dir.join(&name);
-        std::fs::write(&path, script).unwrap();
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
-    }
-    dir.join("refuse")
-}
 
 fn writes_fail_visibly_and_recover_through_retries(backend: Backend) {
     let lab = Lab::new().unwrap();
@@ -41,13 +16,8 @@ fn writes_fail_visibly_and_recover_through_retries(backend: Backend) {
     let ipt = lab.iptables(backend, family);
     let wrappers = lab.dir().join("wrapped-bin");
     let refuse = restore_wrappers(&wrappers, backend);
-    let path = format!(
-        "{}:{}",
-        wrappers.display(),
-        std::env::var("PATH").unwrap_or_default()
-    );
     let config = DaemonConfig {
-        env: vec![("PATH".into(), path)],
+        env: vec![("PATH".into(), path_first(&wrappers))],
         ..DaemonConfig::own(backend)
     };
     let d = lab.start_daemon(config).unwrap();

@@ -4,12 +4,14 @@
 
 use super::decide::{Action, decide, describe, request_entries};
 use super::egress::EgressServer;
+use super::metrics::WatchMetrics;
 use crate::ClientError;
 use k8s_openapi::api::core::v1::{Node, ObjectReference};
 use kilo_egress_api::egress::{EgressAddrs, Family};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Client, Resource};
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use tracing::{info, warn};
 
 /// The reason of the Normal Event posted when a new pair was programmed.
@@ -54,6 +56,8 @@ pub struct Controller<E> {
     warned: Option<String>,
     /// The chosen addresses last reported as not on the node, per family.
     absent: BTreeMap<Family, String>,
+    /// Where SetEgress calls and invalid annotations are counted.
+    metrics: Arc<WatchMetrics>,
 }
 
 impl<E: EgressServer> Controller<E> {
@@ -72,7 +76,14 @@ impl<E: EgressServer> Controller<E> {
             handled: None,
             warned: None,
             absent: BTreeMap::new(),
+            metrics: Arc::default(),
         }
+    }
+
+    /// The same controller, counting into `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<WatchMetrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// The annotation's value on `node`.
@@ -110,7 +121,9 @@ impl<E: EgressServer> Controller<E> {
                     warn!(annotation = %self.annotation, "{warning}");
                 }
                 let pair = describe(&parsed.addrs);
-                self.egress.apply(request_entries(&parsed.addrs)).await?;
+                let applied = self.egress.apply(request_entries(&parsed.addrs)).await;
+                self.metrics.set_egress(applied.is_ok());
+                applied?;
                 info!(old = %describe(&current), new = %pair, "egress applied");
                 let note = format!("kilo-egressd now SNATs pod egress to {pair}");
                 self.publish(node, EventType::Normal, REASON_APPLIED, note)
@@ -126,6 +139,8 @@ impl<E: EgressServer> Controller<E> {
                     describe(&current)
                 );
                 warn!("{note}");
+                self.metrics
+                    .invalid_annotation(self.warned.as_ref() != Some(&value));
                 if self.warned.as_ref() != Some(&value) {
                     self.publish(node, EventType::Warning, REASON_INVALID, note.clone())
                         .await;

@@ -1,11 +1,13 @@
 //! The watcher's view of kilo-egressd: read the programmed pair, set a new one. A trait, so
 //! the controller is tested against a fake; the real implementation reconnects after failures.
 
+use super::metrics::WatchMetrics;
 use crate::tls::TlsFiles;
 use crate::{ClientError, EgressClient, ServerAddr};
 use kilo_egress_api::egress::{EgressAddrs, Family};
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// What the watcher needs from kilo-egressd.
@@ -47,6 +49,9 @@ pub struct GrpcEgress {
     tls: TlsFiles,
     client: Option<EgressClient>,
     absent: BTreeMap<Family, String>,
+    /// Whether the last call failed: the next connection is a reconnect.
+    failed: bool,
+    metrics: Arc<WatchMetrics>,
 }
 
 impl GrpcEgress {
@@ -59,11 +64,22 @@ impl GrpcEgress {
             tls,
             client: None,
             absent: BTreeMap::new(),
+            failed: false,
+            metrics: Arc::default(),
         }
+    }
+
+    /// The same client, counting reconnects into `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<WatchMetrics>) -> GrpcEgress {
+        self.metrics = metrics;
+        self
     }
 
     async fn client(&mut self) -> Result<&mut EgressClient, ClientError> {
         if self.client.is_none() {
+            if std::mem::take(&mut self.failed) {
+                self.metrics.reconnect("kilo-egressd");
+            }
             self.client =
                 Some(EgressClient::connect_tls(&self.addr, self.timeout, &self.tls).await?);
         }
@@ -73,6 +89,7 @@ impl GrpcEgress {
     fn forget_on_error<T>(&mut self, result: Result<T, ClientError>) -> Result<T, ClientError> {
         if result.is_err() {
             self.client = None;
+            self.failed = true;
         }
         result
     }

@@ -9,6 +9,7 @@ pub mod controller;
 pub mod decide;
 pub mod egress;
 pub mod heartbeat;
+pub mod metrics;
 
 use crate::ServerAddr;
 use crate::tls::TlsFiles;
@@ -19,9 +20,11 @@ use heartbeat::Heartbeat;
 use k8s_openapi::api::core::v1::Node;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
+use metrics::WatchMetrics;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
@@ -63,6 +66,14 @@ pub struct WatchArgs {
     /// round-trip with kilo-egressd), for the liveness probe `kilo-egress watch-alive`.
     #[arg(long, env = heartbeat::HEARTBEAT_FILE_ENV, value_name = "PATH")]
     pub heartbeat_file: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR:PORT/metrics (plain HTTP: bind to loopback or the
+    /// node's own address). Off unless given.
+    #[arg(
+        long,
+        env = "KILO_EGRESS_WATCH_METRICS_LISTEN",
+        value_name = "ADDR:PORT"
+    )]
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 fn init_logging() {
@@ -85,6 +96,25 @@ pub async fn run(
     args: WatchArgs,
 ) -> ExitCode {
     init_logging();
+    let metrics = Arc::new(WatchMetrics::new());
+    if let Some(addr) = args.metrics_listen {
+        let listener = match kilo_egress_api::metrics_http::bind(addr).await {
+            Ok(listener) => listener,
+            Err(err) => {
+                error!("{err}");
+                return ExitCode::from(1);
+            }
+        };
+        info!(%addr, "serving Prometheus metrics at /metrics");
+        let registry = metrics.registry().clone();
+        tokio::spawn(async move {
+            let served =
+                kilo_egress_api::metrics_http::serve(listener, registry, std::future::pending());
+            if let Err(err) = served.await {
+                error!(error = %err, "serving metrics failed");
+            }
+        });
+    }
     let client = match Client::try_default().await {
         Ok(client) => client,
         Err(err) => {
@@ -92,13 +122,25 @@ pub async fn run(
             return ExitCode::from(1);
         }
     };
-    let egress = GrpcEgress::new(server.clone(), timeout, tls);
-    let controller = Controller::new(egress, client.clone(), &args.annotation, &args.node);
+    let egress = GrpcEgress::new(server.clone(), timeout, tls).with_metrics(metrics.clone());
+    let controller = Controller::new(egress, client.clone(), &args.annotation, &args.node)
+        .with_metrics(metrics.clone());
     info!(node = %args.node, annotation = %args.annotation, server = %server, once = args.once, "kilo-egress watch starting");
     if args.once {
         once(client, controller, &args).await
     } else {
-        watch(client, controller, &args).await
+        watch(client, controller, &args, &metrics).await
+    }
+}
+
+/// The `outcome` label of a reconcile's result.
+fn outcome_label(result: &Result<Outcome, crate::ClientError>) -> &'static str {
+    match result {
+        Ok(Outcome::Unchanged) => "unchanged",
+        Ok(Outcome::InSync) => "in_sync",
+        Ok(Outcome::Applied(_)) => "applied",
+        Ok(Outcome::Invalid(_)) => "invalid",
+        Err(_) => "error",
     }
 }
 
@@ -144,6 +186,7 @@ pub async fn watch<E: EgressServer>(
     client: Client,
     mut controller: Controller<E>,
     args: &WatchArgs,
+    metrics: &WatchMetrics,
 ) -> ExitCode {
     let nodes: Api<Node> = Api::all(client);
     let config = watcher::Config::default().fields(&format!("metadata.name={}", args.node));
@@ -164,21 +207,25 @@ pub async fn watch<E: EgressServer>(
             _ = &mut stop => return ExitCode::SUCCESS,
             event = events.next() => match event {
                 Some(Ok(watcher::Event::Apply(seen) | watcher::Event::InitApply(seen))) => {
+                    metrics.event("apply");
                     listed = true;
                     let result = controller.observe(&seen).await;
                     node = Some(seen);
                     result
                 }
                 Some(Ok(watcher::Event::Delete(_))) => {
+                    metrics.event("delete");
                     warn!(node = %args.node, "the Node was deleted; keeping what is programmed");
                     node = None;
                     continue;
                 }
                 Some(Ok(watcher::Event::Init)) => {
+                    metrics.event("init");
                     listed = false;
                     continue;
                 }
                 Some(Ok(watcher::Event::InitDone)) => {
+                    metrics.event("init_done");
                     if !listed {
                         warn!(node = %args.node, "no Node of this name: check --node (NODE_NAME); waiting for it to appear");
                         node = None;
@@ -187,6 +234,8 @@ pub async fn watch<E: EgressServer>(
                 }
                 Some(Err(err)) => {
                     warn!(error = %err, "watching the Node failed; resuming with backoff");
+                    metrics.event("error");
+                    metrics.reconnect("kubernetes");
                     continue;
                 }
                 None => {
@@ -207,6 +256,7 @@ pub async fn watch<E: EgressServer>(
                 }
             },
         };
+        metrics.reconciled(outcome_label(&result), result.is_ok());
         match result {
             Ok(outcome) => {
                 debug!(?outcome, "reconciled");
@@ -271,6 +321,7 @@ mod tests {
             resync_interval: Duration::from_secs(60),
             once,
             heartbeat_file: None,
+            metrics_listen: None,
         }
     }
 
@@ -386,7 +437,9 @@ mod tests {
         let client = Client::new(service, "default");
         let controller =
             Controller::new(egress.clone(), client.clone(), DEFAULT_ANNOTATION, "node-a");
-        let watching = tokio::spawn(async move { watch(client, controller, &args(false)).await });
+        let watching = tokio::spawn(async move {
+            watch(client, controller, &args(false), &WatchMetrics::new()).await
+        });
         let mut seen = Vec::new();
         let mut events = Vec::new();
         let served = tokio::time::timeout(Duration::from_secs(10), async {

@@ -79,6 +79,7 @@ impl Engine {
         if new != old {
             if let Err(e) = self.store.save(&new) {
                 error!(error = %e, "cannot save the state; the change is refused");
+                self.metrics.state_save_failed();
                 self.health.save_failed(what, &e);
                 let error = EngineError::from(e);
                 for (_, _, reply) in requests {
@@ -141,6 +142,7 @@ impl Engine {
                     && let Err(e) = self.store.save(&old)
                 {
                     error!(error = %e, "cannot restore the previous state file");
+                    self.metrics.state_save_failed();
                 }
                 self.publish(old);
                 let failure = Arc::new(failure);

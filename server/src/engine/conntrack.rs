@@ -7,10 +7,12 @@
 use kilo_egress_api::egress::Family;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use super::Engine;
 use crate::conntrack::Decision;
 use crate::ctflush::ConntrackFlush;
+use crate::metrics::Metrics;
 
 /// The decisions committed per family, and the deleting thread when the option is on.
 pub(super) struct FlushState {
@@ -19,9 +21,9 @@ pub(super) struct FlushState {
 }
 
 impl FlushState {
-    pub(super) fn new(on: bool) -> FlushState {
+    pub(super) fn new(on: bool, metrics: Arc<Metrics>) -> FlushState {
         FlushState {
-            flush: on.then(ConntrackFlush::start),
+            flush: on.then(|| ConntrackFlush::start(metrics)),
             committed: BTreeMap::new(),
         }
     }

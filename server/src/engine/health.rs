@@ -122,6 +122,11 @@ impl ApplyHealth {
         self.failing.is_some()
     }
 
+    /// The family whose failure keeps the accepted rules out of the kernel, while it lasts.
+    pub fn failing_family(&self) -> Option<Family> {
+        self.failing.as_ref().map(|f| f.family)
+    }
+
     /// The last write that failed, while no write has succeeded since.
     pub fn last_write_failure(&self) -> Option<&WriteFailure> {
         self.last_write_failure.as_ref()

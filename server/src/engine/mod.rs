@@ -8,7 +8,7 @@
 //! holds and gets it right, [`timers`] says when to wake up, [`report`] builds what clients see,
 //! [`health`] tracks whether the rules are in place and writes work, [`families`] says which
 //! families are programmed, `recovery` loads (or rebuilds) the stored state, [`error`] types
-//! what goes wrong.
+//! what goes wrong, `metrics` exports what the engine knows to Prometheus.
 
 mod batch;
 mod conntrack;
@@ -16,6 +16,7 @@ pub mod error;
 pub mod families;
 mod follow;
 pub mod health;
+mod metrics;
 pub mod poll;
 pub mod presence;
 mod recovery;
@@ -35,9 +36,10 @@ pub use error::{EngineError, FamilyError, Trigger};
 pub use report::{FamilyReport, ReportedRule, SetOutcome, StatusReport};
 pub use table::cleanup;
 
+use crate::metrics::Metrics;
 use crate::netfilter::Netfilter;
 use crate::nftwatch::KernelEvent;
-use crate::rules::ModeConfig;
+use crate::rules::{self, ModeConfig};
 use crate::state::{StateStore, StoredState};
 use families::ManagedFamilies;
 use health::ApplyHealth;
@@ -78,6 +80,8 @@ pub struct EngineConfig {
     pub random_fully_reason: String,
     /// Whether a decision change deletes the conntrack entries the old decision NATed.
     pub conntrack_flush: bool,
+    /// Where the engine counts what it does (served by `--metrics-listen`).
+    pub metrics: Arc<Metrics>,
 }
 
 /// A validated SetEgress request.
@@ -114,6 +118,7 @@ pub struct EngineHandle {
     commands: mpsc::Sender<Command>,
     ready: watch::Receiver<bool>,
     accepted: watch::Receiver<StoredState>,
+    metrics: Arc<Metrics>,
 }
 
 impl EngineHandle {
@@ -133,6 +138,11 @@ impl EngineHandle {
             .send(Command::Get(reply))
             .map_err(|_| EngineError::Stopped)?;
         answer.await.map_err(|_| EngineError::Stopped)
+    }
+
+    /// The metrics the engine feeds, for the server's layers and `/metrics`.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
     }
 
     /// Becomes true after the first successful apply.
@@ -172,6 +182,8 @@ pub struct Engine {
     waiting_for_kilo: BTreeSet<Family>,
     /// `--conntrack-flush`: the decisions committed, and the thread that deletes old flows.
     conntrack: conntrack::FlushState,
+    /// Where the engine counts what it does.
+    metrics: Arc<Metrics>,
 }
 
 impl Engine {
@@ -184,8 +196,12 @@ impl Engine {
         store: StateStore,
     ) -> (EngineHandle, std::thread::JoinHandle<()>) {
         let families = ManagedFamilies::new(&config.families, &config.mode);
-        let table =
-            NatTable::new(config.mode, families, netfilter).with_random_fully(config.random_fully);
+        for family in families.managed() {
+            config.metrics.managed(family);
+        }
+        let table = NatTable::new(config.mode, families, netfilter)
+            .with_random_fully(config.random_fully)
+            .with_metrics(config.metrics.clone());
         let (state, unsaved) = recovery::load_state(&store, &table);
         let (commands, inbox) = mpsc::channel();
         // Subscribe before the first read, so no change between that read and the
@@ -247,9 +263,11 @@ impl Engine {
             address_following,
             random_fully: config.random_fully_reason,
             waiting_for_kilo: BTreeSet::new(),
-            conntrack: conntrack::FlushState::new(config.conntrack_flush),
+            conntrack: conntrack::FlushState::new(config.conntrack_flush, config.metrics.clone()),
+            metrics: config.metrics.clone(),
         };
         if let Some(e) = unsaved {
+            engine.metrics.state_save_failed();
             engine
                 .health
                 .save_failed(format!("writing a new state file for {}", state.addrs), &e);
@@ -262,6 +280,7 @@ impl Engine {
         let shapes = engine.shapes();
         engine.poll.baseline(&shapes, meter.cost(), Instant::now());
         engine.timers.checked();
+        engine.export_metrics();
         let thread = std::thread::Builder::new()
             .name("egress-engine".into())
             .spawn(move || engine.run(inbox))
@@ -271,6 +290,7 @@ impl Engine {
                 commands,
                 ready: ready_rx,
                 accepted: accepted_rx,
+                metrics: config.metrics,
             },
             thread,
         )
@@ -293,6 +313,7 @@ impl Engine {
                     Err(RecvTimeoutError::Disconnected) => return,
                 },
             }
+            self.export_metrics();
         }
     }
 
@@ -364,10 +385,18 @@ impl Engine {
         freshness: Freshness,
     ) -> Result<Reconciled, FamilyError> {
         let programmed = self.presence.programmed(addrs.get(family));
-        let applied = self
-            .table
-            .reconcile(family, programmed, freshness)
-            .map_err(|source| FamilyError { family, source })?;
+        let started = Instant::now();
+        let applied = self.table.reconcile(family, programmed, freshness);
+        let rules = applied.as_ref().ok().map(|applied| {
+            let chain = applied.settled.kilo_nat.as_ref();
+            let owned = (chain.into_iter().flatten())
+                .chain(&applied.settled.postrouting)
+                .filter(|rule| rule.is_owned())
+                .count();
+            (chain.map(Vec::len), owned)
+        });
+        self.metrics.synced(family, started.elapsed(), rules);
+        let applied = applied.map_err(|source| FamilyError { family, source })?;
         if applied.desired.waiting.is_some() {
             self.waiting_for_kilo.insert(family);
         } else {
@@ -485,14 +514,22 @@ impl Engine {
                     duration_ms = started.elapsed().as_secs_f64() * 1000.0,
                     "Kilo's agent wrote its MASQUERADE rule: placed the SNAT rule before it"
                 ),
-                Ok(applied) if !applied.drift.is_empty() && applied.rules_touched > 0 => warn!(
-                    %family,
-                    trigger = %trigger,
-                    drift = %summarise(&applied.drift),
-                    rules_touched = applied.rules_touched,
-                    duration_ms = started.elapsed().as_secs_f64() * 1000.0,
-                    "repaired rules"
-                ),
+                Ok(applied) if !applied.drift.is_empty() && applied.rules_touched > 0 => {
+                    let causes: BTreeSet<&str> = applied
+                        .drift
+                        .iter()
+                        .map(|d| rules::drift_cause(d))
+                        .collect();
+                    self.metrics.repaired(family, causes);
+                    warn!(
+                        %family,
+                        trigger = %trigger,
+                        drift = %summarise(&applied.drift),
+                        rules_touched = applied.rules_touched,
+                        duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+                        "repaired rules"
+                    )
+                }
                 Ok(_) => {}
                 Err(e) => failure = Some(e),
             }

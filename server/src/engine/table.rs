@@ -12,6 +12,7 @@ use std::sync::Arc;
 use tracing::{debug, info, warn};
 
 use super::families::ManagedFamilies;
+use crate::metrics::Metrics;
 use crate::netfilter::{ChangeForwarder, Netfilter, NetfilterError};
 use crate::rules::{
     self, Desired, KILO_NAT, ModeConfig, Observed, ObservedRule, POSTROUTING, Transaction,
@@ -98,6 +99,8 @@ pub struct NatTable {
     random_fully: bool,
     /// The table's shape right after each of our writes since [`NatTable::take_written_shapes`].
     written_shapes: BTreeMap<Family, TableShape>,
+    /// Counts every transaction by family and result.
+    metrics: Arc<Metrics>,
 }
 
 impl NatTable {
@@ -118,7 +121,14 @@ impl NatTable {
             transactions: 0,
             random_fully: false,
             written_shapes: BTreeMap::new(),
+            metrics: Arc::default(),
         }
+    }
+
+    /// The same table, counting its transactions into `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> NatTable {
+        self.metrics = metrics;
+        self
     }
 
     /// The table's shape right after our last write of each family written since the last
@@ -249,7 +259,9 @@ impl NatTable {
     fn restore(&mut self, family: Family, transaction: &Transaction) -> Result<(), NetfilterError> {
         let input = transaction.to_string();
         debug!(%family, transaction = %input, "applying transaction");
-        match self.netfilter.restore(family, &input) {
+        let result = self.netfilter.restore(family, &input);
+        self.metrics.restored(family, result.is_ok());
+        match result {
             Ok(()) => {
                 self.transactions += 1;
                 // Our own write changes the table's shape: polling must not pay a read for it.

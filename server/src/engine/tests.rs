@@ -539,3 +539,66 @@ async fn polling_reads_the_chains_only_when_the_table_shape_changed() {
         "{detection}"
     );
 }
+
+/// One sample of `name{labels}` in the engine's metrics, 0 when absent.
+fn metric(handle: &EngineHandle, series: &str) -> f64 {
+    let text = kilo_egress_api::metrics_http::render(handle.metrics().registry());
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn metrics_count_switches_per_family_repairs_and_failures() {
+    let fake = Arc::new(FakeNetfilter::with_change_notifications());
+    let dir = tempfile::tempdir().unwrap();
+    let handle = start_notified(&fake, dir.path());
+    let v4_ok = r#"kilo_egress_iptables_restore_total{ip_family="IPv4",result="success"}"#;
+    let v6_ok = r#"kilo_egress_iptables_restore_total{ip_family="IPv6",result="success"}"#;
+    let v4_failed = r#"kilo_egress_iptables_restore_total{ip_family="IPv4",result="failure"}"#;
+    handle.status().await.unwrap();
+    let (v4, v6) = (metric(&handle, v4_ok), metric(&handle, v6_ok));
+    assert!(v4 >= 1.0 && v6 >= 1.0, "the start wrote both families");
+
+    // A switch of IPv4 only: IPv4's transactions grow, IPv6's do not.
+    handle.set(set(&["198.51.100.20"])).await.unwrap();
+    handle.status().await.unwrap();
+    assert!(metric(&handle, v4_ok) > v4);
+    assert_eq!(metric(&handle, v6_ok), v6);
+    let snat = r#"kilo_egress_decision_info{action="SNAT",address="198.51.100.20",address_present="true",chosen="198.51.100.20",ip_family="IPv4"}"#;
+    assert_eq!(metric(&handle, snat), 1.0);
+    assert_eq!(
+        metric(&handle, r#"kilo_egress_owned_rules{ip_family="IPv4"}"#),
+        2.0
+    );
+
+    // A tamper is repaired and counted by kind.
+    fake.tamper(Family::Ipv4, |t| t.get_mut(KILO_NAT).unwrap().clear());
+    let repairs = r#"kilo_egress_drift_repairs_total{cause="missing_rule",ip_family="IPv4"}"#;
+    wait_for("the repair to be counted", || {
+        metric(&handle, repairs) == 1.0
+    })
+    .await;
+
+    // Failing restores: a failed SetEgress counts a failure and degrades the write path.
+    fake.refuse_restores(Some("iptables-restore: line 2 failed"));
+    handle.set(set(&["198.51.100.21"])).await.unwrap_err();
+    assert!(metric(&handle, v4_failed) >= 1.0);
+    wait_for("the degraded gauge", || {
+        metric(&handle, "kilo_egress_write_path_degraded") == 1.0
+            && metric(&handle, r#"kilo_egress_in_sync{ip_family="IPv4"}"#) == 0.0
+    })
+    .await;
+    fake.refuse_restores(None);
+    handle.set(set(&["198.51.100.21"])).await.unwrap();
+    wait_for("the write path to recover", || {
+        metric(&handle, "kilo_egress_write_path_degraded") == 0.0
+            && metric(&handle, r#"kilo_egress_in_sync{ip_family="IPv4"}"#) == 1.0
+    })
+    .await;
+    assert_eq!(
+        metric(&handle, snat),
+        0.0,
+        "the old decision's series is gone"
+    );
+}

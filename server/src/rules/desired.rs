@@ -220,3 +220,23 @@ pub fn describe_drift(mode: &ModeConfig, observed: &Observed, desired: &Desired)
     }
     drift
 }
+
+/// The kind of one [`describe_drift`] sentence, for the `cause` label of the drift-repair metric:
+/// `chain_missing`, `missing_rule`, `unexpected_rule`, `order`, `jump_missing`, `jump_order`,
+/// `stale_jump` or `duplicate_jumps`.
+pub fn drift_cause(sentence: &str) -> &'static str {
+    const KINDS: [(&str, &str); 8] = [
+        ("chain ", "chain_missing"),
+        ("missing rule: ", "missing_rule"),
+        ("unexpected rule: ", "unexpected_rule"),
+        ("rules of ", "order"),
+        ("jump not at the top", "jump_order"),
+        ("missing jump: ", "jump_missing"),
+        ("stale jump: ", "stale_jump"),
+        ("duplicate jumps", "duplicate_jumps"),
+    ];
+    KINDS
+        .iter()
+        .find(|(prefix, _)| sentence.starts_with(prefix))
+        .map_or("other", |(_, kind)| kind)
+}

@@ -12,7 +12,8 @@ pub use canonical::{
     parse_listing, return_rule, snat_rule, tokenize,
 };
 pub use desired::{
-    Desired, ModeConfig, Observed, describe_drift, desired, family_of_net, without_owned_rules,
+    Desired, ModeConfig, Observed, describe_drift, desired, drift_cause, family_of_net,
+    without_owned_rules,
 };
 pub use plan::{Line, Plan, Transaction, plan, plan_cleanup, plan_transaction};
 

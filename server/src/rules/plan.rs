@@ -339,7 +339,7 @@ pub fn plan_cleanup(mode: &ModeConfig, observed: &Observed) -> Vec<Transaction> 
 mod tests {
     use super::*;
     use crate::rules::canonical::{jump_rule, snat_rule};
-    use crate::rules::desired::{describe_drift, desired};
+    use crate::rules::desired::{describe_drift, desired, drift_cause};
     use crate::rules::fixtures::{kg_chain, own, rule};
     use kilo_egress_api::egress::Family;
     use std::net::IpAddr;
@@ -382,18 +382,39 @@ mod tests {
             .insert(0, rule("-A POSTROUTING -j KUBE-POSTROUTING"));
         let mut removed = good.clone();
         removed.kilo_nat.as_mut().unwrap().pop();
-        for (name, case, expect) in [
-            ("flushed chain", no_chain, "chain KILO-NAT is missing"),
-            ("removed jump", no_jump, "missing jump"),
-            ("foreign rule", foreign, "unexpected rule"),
-            ("out of order", reordered, "out of order"),
-            ("jump below others", jump_below, "not at the top"),
-            ("removed rule", removed, "missing rule"),
+        for (name, case, expect, cause) in [
+            (
+                "flushed chain",
+                no_chain,
+                "chain KILO-NAT is missing",
+                "chain_missing",
+            ),
+            ("removed jump", no_jump, "missing jump", "jump_missing"),
+            (
+                "foreign rule",
+                foreign,
+                "unexpected rule",
+                "unexpected_rule",
+            ),
+            ("out of order", reordered, "out of order", "order"),
+            (
+                "jump below others",
+                jump_below,
+                "not at the top",
+                "jump_order",
+            ),
+            ("removed rule", removed, "missing rule", "missing_rule"),
         ] {
             let drift = describe_drift(&own(), &case, &want);
             assert!(
                 drift.iter().any(|d| d.contains(expect)),
                 "{name}: {drift:?}"
+            );
+            let causes: Vec<&str> = drift.iter().map(|d| drift_cause(d)).collect();
+            assert!(causes.contains(&cause), "{name}: {drift:?} -> {causes:?}");
+            assert!(
+                !causes.contains(&"other"),
+                "{name}: {drift:?} -> {causes:?}"
             );
             assert!(plan_transaction(&own(), &case, &want).is_some(), "{name}");
         }
