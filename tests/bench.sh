@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # kilo-egress: THE benchmark command. Run as root from anywhere in a clone: `sudo ./tests/bench.sh`.
 #
-# Installs what it lacks (Debian 12: iproute2, iptables, procps), builds the workspace in release
+# Installs what it lacks (Debian 12: iproute2, iptables, procps; kmock from PyPI), builds the workspace in release
 # mode, and runs `egress-bench`, which measures kilo-egressd inside network namespaces it creates
 # (never touching the host's rules) and writes docs/benchmarks/{results.json,results.md,setegress.svg}.
 # Takes about 10 minutes on 2 vCPU. Arguments go to egress-bench:
 #   --quick                 tiny sizes, about a minute (a smoke run, not results)
 #   --out DIR               write the results elsewhere (default docs/benchmarks; with --quick
 #                           target/bench-quick)
-#   --only PHASE,..         setegress, ten-thousand, concurrent, drift, idle
+#   --only PHASE,..         setegress, ten-thousand, concurrent, drift, idle, address, watch
 #   --idle-seconds N        length of the idle CPU window (default 60)
 # docs/BENCHMARKS.md says what is measured and how to read the results.
 set -euo pipefail
@@ -27,6 +27,10 @@ install_system_packages
 # shellcheck disable=SC2119 # no rustup components needed for the bench
 require_rust
 remove_stale_namespaces
+# The watch phase runs the Kubernetes API emulator (kmock, from PyPI) beside kilo-egress watch.
+export PATH=$PATH:$HOME/.local/bin
+# shellcheck source=tests/setup/kubernetes.sh
+source tests/setup/kubernetes.sh
 
 step "cargo build --release --workspace"
 cargo build --release --workspace

@@ -18,6 +18,20 @@ pub struct BindError {
     source: std::io::Error,
 }
 
+/// Parses a metrics listen address: `ADDR:PORT`, `[IPV6]:PORT`, or an IPv6 address and port
+/// without brackets (`2001:db8::1:9464`, what `$(HOST_IP):9464` gives on an IPv6 node).
+pub fn parse_listen_addr(text: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = text.parse() {
+        return Ok(addr);
+    }
+    let unbracketed = text
+        .rsplit_once(':')
+        .and_then(|(ip, port)| Some(SocketAddr::new(ip.parse().ok()?, port.parse().ok()?)));
+    unbracketed.ok_or_else(|| {
+        format!("{text:?} is not ADDR:PORT (e.g. 127.0.0.1:9464, 10.0.0.5:9464, [fd00::5]:9464)")
+    })
+}
+
 /// A registry with what every kilo-egress binary exports: `kilo_egress_build_info` (labelled
 /// with `binary` and `version`) and the standard `process_*` metrics.
 pub fn registry(binary: &str, version: &str) -> Registry {
@@ -96,6 +110,28 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("process_resident_memory_bytes "), "{text}");
+    }
+
+    #[test]
+    fn listen_addresses_parse_with_or_without_brackets() {
+        for (text, want) in [
+            ("127.0.0.1:9464", "127.0.0.1:9464"),
+            ("[fd00::5]:9464", "[fd00::5]:9464"),
+            ("fd00::5:9464", "[fd00::5]:9464"),
+            ("2001:db8::1:9465", "[2001:db8::1]:9465"),
+        ] {
+            assert_eq!(parse_listen_addr(text).unwrap().to_string(), want, "{text}");
+        }
+        for bad in [
+            "9464",
+            "localhost:9464",
+            "10.0.0.5",
+            ":9464",
+            "10.0.0.5:http",
+        ] {
+            let error = parse_listen_addr(bad).unwrap_err();
+            assert!(error.contains("is not ADDR:PORT"), "{bad}: {error}");
+        }
     }
 
     #[tokio::test]

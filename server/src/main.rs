@@ -104,7 +104,7 @@ struct RunArgs {
     security: SecurityArgs,
     /// Serve Prometheus metrics at http://ADDR:PORT/metrics (plain HTTP: bind to loopback or the
     /// node's own address; the metrics carry no secrets). Off unless given.
-    #[arg(long, env = "KILO_EGRESS_METRICS_LISTEN", value_name = "ADDR:PORT")]
+    #[arg(long, env = "KILO_EGRESS_METRICS_LISTEN", value_name = "ADDR:PORT", value_parser = metrics_http::parse_listen_addr)]
     metrics_listen: Option<std::net::SocketAddr>,
     /// Own mode: pod CIDR whose traffic is NATed (repeatable or comma-separated; IPv4 and/or IPv6).
     #[arg(long, env = "KILO_EGRESS_SOURCE_CIDRS", value_delimiter = ',')]

@@ -13,6 +13,9 @@ it, plus a client for the tests to drive it.
     apiserver.py --server URL drop-watches    close every open watch stream without an event
     apiserver.py --server URL requests        print the requests served so far, one per line
     apiserver.py --server URL node NAME       print the Node as JSON
+    apiserver.py --server URL timeline        print, as one JSON list, every Node write received and
+                                              every Node watch event sent: {"time": UNIX SECONDS,
+                                              "what": "write"|"event", "egress": the egress annotation}
     apiserver.py --server URL create-peer NAME --allowed-ip CIDR [--allowed-ip CIDR ...]
                                               a Kilo Peer (kilo.squat.ai/v1alpha1) with a random key
     apiserver.py --server URL delete-peer NAME
@@ -23,6 +26,7 @@ What kmock lacks and this adds (see shared/NOTES.md):
   * list and watch filtered by fieldSelector `metadata.name=X` (the watcher's only selector);
   * groupVersion `v1` for /api/v1 discovery;
   * a list resourceVersion, and the control endpoints under /_control/ used above;
+  * a timeline of Node writes and watch events (egress-bench's watch phase times the watcher by it);
   * for kg (client-go): the CRD peers.kilo.squat.ai (apiextensions.k8s.io/v1), the cluster-scoped
     resource kilo.squat.ai/v1alpha1 peers, watch responses with Content-Type application/json (client-go
     refuses kmock's application/octet-stream), and a new resourceVersion on JSON patches too. kg also
@@ -40,10 +44,12 @@ import json
 import os
 import signal
 import sys
+import time
 import urllib.error
 import urllib.request
 
 EXPIRE = {'type': '_KMOCK_EXPIRE'}
+EGRESS_ANNOTATION = 'kilo.squat.ai/egress-ip'
 PEERS = 'kilo.squat.ai/v1alpha1/peers'
 CRDS = 'apiextensions.k8s.io/v1/customresourcedefinitions'
 PEER_CRD = {
@@ -70,6 +76,7 @@ def build_emulator():
             super().__attrs_post_init__()
             self.rv_counter = itertools.count(1)
             self.rv = 0
+            self.timeline = []
 
         def _next_rv(self):
             self.rv = next(self.rv_counter)
@@ -78,6 +85,11 @@ def build_emulator():
         async def _handle(self, request):
             if request.url.path.startswith('/_control/'):
                 return await self._control(request)
+            if request.action == kmock.action.UPDATE and request.url.path.startswith('/api/v1/nodes/'):
+                egress = None
+                if isinstance(request.data, dict):
+                    egress = ((request.data.get('metadata') or {}).get('annotations') or {}).get(EGRESS_ANNOTATION)
+                self.timeline.append({'time': time.time(), 'what': 'write', 'egress': egress})
             if request.action == kmock.action.UPDATE and isinstance(request.data, list):
                 # A JSON patch (kg's clean-up removes its annotations so): add a new version too.
                 request.data.append({'op': 'add', 'path': '/metadata/resourceVersion', 'value': self._next_rv()})
@@ -97,6 +109,8 @@ def build_emulator():
                 for bus in list(self._buses.values()):
                     await bus.put(marker)
                 return aiohttp.web.json_response({'done': verb})
+            if verb == 'timeline':
+                return aiohttp.web.json_response(self.timeline)
             if verb == 'requests':
                 lines = [f"{r.method} {r.url.path_qs}" for r in self._requests]
                 return aiohttp.web.json_response(lines)
@@ -147,6 +161,10 @@ def build_emulator():
                     return
                 if isinstance(event, dict) and name is not None and self._name_of(event.get('object')) != name:
                     continue
+                if isinstance(event, dict) and (event.get('object') or {}).get('kind') == 'Node':
+                    annotations = event['object'].get('metadata', {}).get('annotations') or {}
+                    self.timeline.append({'time': time.time(), 'what': 'event',
+                                          'egress': annotations.get(EGRESS_ANNOTATION)})
                 yield event
 
         async def _serve_version(self, request):
@@ -233,7 +251,7 @@ def main():
     p.add_argument('annotation')
     p = sub.add_parser('heartbeat')
     p.add_argument('name')
-    for verb in ('events', 'expire-watches', 'drop-watches', 'requests'):
+    for verb in ('events', 'expire-watches', 'drop-watches', 'requests', 'timeline'):
         sub.add_parser(verb)
     args = parser.parse_args()
 
@@ -272,6 +290,8 @@ def main():
         print(json.dumps(found['items']))
     elif args.command == 'requests':
         print('\n'.join(call(args.server, 'GET', '/_control/requests')))
+    elif args.command == 'timeline':
+        print(json.dumps(call(args.server, 'GET', '/_control/timeline')))
     else:
         call(args.server, 'POST', f'/_control/{args.command}', {})
 

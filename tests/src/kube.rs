@@ -143,6 +143,11 @@ impl<'lab> ApiServer<'lab> {
         cmd::stop_child(&mut child, "the API emulator").map(drop)
     }
 
+    /// The emulator's URL, inside the lab's node namespace.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{API_PORT}")
+    }
+
     /// The kubeconfig file that points at the emulator.
     pub fn kubeconfig(&self) -> &Path {
         &self.kubeconfig
@@ -156,7 +161,7 @@ impl<'lab> ApiServer<'lab> {
     /// Runs `apiserver.py --server URL args` (its client commands) in the node namespace.
     pub fn ctl(&self, args: &[&str]) -> anyhow::Result<String> {
         let script = apiserver_script();
-        let server = format!("http://127.0.0.1:{API_PORT}");
+        let server = self.url();
         let mut full = vec![script.to_str().expect("utf-8 path"), "--server", &server];
         full.extend_from_slice(args);
         let out = cmd::run_in(&self.lab.node, "python3", &full)?;

@@ -507,7 +507,9 @@ pub struct PodPlan {
 /// * hostPath volumes point into `host_dir` (the test's own directory), type kept;
 /// * emptyDir volumes become hostPath directories in `host_dir` that the test prepares as the
 ///   kubelet would ([`kubelet_empty_dir_mode`]): podman ignores `medium` and `fsGroup`;
-/// * the downward-API `fieldRef: spec.nodeName` becomes the literal `node`;
+/// * the downward-API `fieldRef: spec.nodeName` becomes the literal `node`, `status.hostIP` the
+///   literal `host_ip`, and `$(VAR)` in a later env value is expanded as the kubelet does
+///   (podman expands neither);
 /// * containers that talk to the Kubernetes API (env `NODE_NAME`) get `KUBECONFIG` pointing at
 ///   `kubeconfig`, mounted read-only: podman has no service-account token.
 ///
@@ -518,6 +520,7 @@ pub fn pod_from_daemonset(
     name: &str,
     host_dir: &Path,
     node: &str,
+    host_ip: &str,
     kubeconfig: &Path,
 ) -> anyhow::Result<PodPlan> {
     if daemonset["kind"] != "DaemonSet" {
@@ -572,19 +575,41 @@ pub fn pod_from_daemonset(
     {
         let cname = container["name"].as_str().unwrap_or_default().to_owned();
         let mut talks_to_api = false;
+        // The values defined so far, for `$(VAR)` in later ones.
+        let mut defined: Vec<(String, String)> = Vec::new();
         for env in container
             .get_mut("env")
             .and_then(Value::as_array_mut)
             .into_iter()
             .flatten()
         {
-            if env["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName" {
-                let var = env["name"].as_str().unwrap_or_default().to_owned();
-                *env = json!({"name": var, "value": node});
+            let var = env["name"].as_str().unwrap_or_default().to_owned();
+            let field = env["valueFrom"]["fieldRef"]["fieldPath"].clone();
+            let literal = match field.as_str() {
+                Some("spec.nodeName") => Some(node),
+                Some("status.hostIP") => Some(host_ip),
+                _ => None,
+            };
+            if let Some(value) = literal {
+                *env = json!({"name": var, "value": value});
                 changes.push(format!(
-                    "container {cname}: env {var} from fieldRef spec.nodeName -> value {node}"
+                    "container {cname}: env {var} from fieldRef {} -> value {value}",
+                    field.as_str().unwrap_or_default()
                 ));
                 talks_to_api |= var == "NODE_NAME";
+            } else if let Some(value) = env["value"].as_str().map(str::to_owned) {
+                let expanded = defined.iter().fold(value.clone(), |text, (name, value)| {
+                    text.replace(&format!("$({name})"), value)
+                });
+                if expanded != value {
+                    env["value"] = json!(expanded);
+                    changes.push(format!(
+                        "container {cname}: env {var} {value} -> {expanded} (expanded as the kubelet does)"
+                    ));
+                }
+            }
+            if let Some(value) = env["value"].as_str() {
+                defined.push((var, value.to_owned()));
             }
         }
         if talks_to_api {
@@ -781,7 +806,11 @@ mod tests {
                     "containers": [
                         {"name": "d", "securityContext": {"readOnlyRootFilesystem": true},
                          "volumeMounts": [{"name": "s", "mountPath": "/run/s"}]},
-                        {"name": "w", "env": [{"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}]},
+                        {"name": "w", "env": [
+                            {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+                            {"name": "HOST_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.hostIP"}}},
+                            {"name": "LISTEN", "value": "$(HOST_IP):9465"},
+                        ]},
                     ],
                     "volumes": [
                         {"name": "s", "emptyDir": {"medium": "Memory"}},
@@ -790,8 +819,15 @@ mod tests {
                 },
             }},
         });
-        let plan =
-            pod_from_daemonset(&ds, "p", Path::new("/t"), "node-a", Path::new("/t/kc")).unwrap();
+        let plan = pod_from_daemonset(
+            &ds,
+            "p",
+            Path::new("/t"),
+            "node-a",
+            "192.0.2.10",
+            Path::new("/t/kc"),
+        )
+        .unwrap();
         let spec = &plan.pod["spec"];
         assert_eq!(plan.pod["kind"], "Pod");
         assert_eq!(
@@ -802,7 +838,15 @@ mod tests {
             spec["containers"][1]["env"][0],
             json!({"name": "NODE_NAME", "value": "node-a"})
         );
-        assert_eq!(spec["containers"][1]["env"][1]["name"], "KUBECONFIG");
+        assert_eq!(
+            spec["containers"][1]["env"][1],
+            json!({"name": "HOST_IP", "value": "192.0.2.10"})
+        );
+        assert_eq!(
+            spec["containers"][1]["env"][2],
+            json!({"name": "LISTEN", "value": "192.0.2.10:9465"})
+        );
+        assert_eq!(spec["containers"][1]["env"][3]["name"], "KUBECONFIG");
         assert_eq!(
             spec["volumes"][0]["hostPath"],
             json!({"path": "/t/volume-s", "type": "Directory"})
@@ -817,6 +861,6 @@ mod tests {
             plan.empty_dirs[Path::new("/t/volume-s")],
             (0o3777, Some(65532))
         );
-        assert_eq!(plan.changes.len(), 5, "{:#?}", plan.changes);
+        assert_eq!(plan.changes.len(), 7, "{:#?}", plan.changes);
     }
 }

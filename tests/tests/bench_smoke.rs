@@ -1,5 +1,6 @@
 //! The benchmark command stays runnable: `egress-bench --quick` (tiny sizes) measures SetEgress
-//! against both baselines on both backends, idle and busy, and writes its three result files.
+//! against both baselines on both backends, idle and busy, and writes its three result files; its
+//! watch phase times the node watcher end to end on both backends.
 
 use kilo_egress_tests::{bin_path, cmd, require_root};
 
@@ -57,4 +58,38 @@ fn quick_bench_writes_results_for_every_backend_and_node() {
     );
     let md = std::fs::read_to_string(out.path().join("results.md")).expect("results.md");
     assert!(md.contains("| nft | busy | 100 |"), "{md}");
+}
+
+#[test]
+fn quick_bench_times_the_node_watcher_on_both_backends() {
+    let name = "quick_bench_times_the_node_watcher_on_both_backends";
+    if !(require_root(name) && kilo_egress_tests::kube::require_kmock(name)) {
+        return;
+    }
+    let out = tempfile::tempdir().expect("temporary directory");
+    let dir = out.path().display().to_string();
+    let run = cmd::capture(
+        std::process::Command::new(bin_path("egress-bench"))
+            .args(["--quick", "--only", "watch", "--out", &dir]),
+        None,
+    )
+    .expect("run egress-bench");
+    assert!(run.success(), "{run}");
+    let results: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(out.path().join("results.json")).expect("results.json"),
+    )
+    .expect("results.json is JSON");
+    let watch = results["watch"].as_array().expect("watch entries");
+    assert_eq!(watch.len(), 2, "nft and legacy: {watch:?}");
+    for entry in watch {
+        assert_eq!(entry["timeouts"], 0, "{entry}");
+        assert_eq!(entry["after_event"]["n"], 3, "every change timed: {entry}");
+        let (event, write) = (
+            entry["after_event"]["p50_ms"].as_f64().unwrap(),
+            entry["after_write"]["p50_ms"].as_f64().unwrap(),
+        );
+        assert!(event > 0.0 && write >= event, "{entry}");
+    }
+    let md = std::fs::read_to_string(out.path().join("results.md")).expect("results.md");
+    assert!(md.contains("### The node watcher end to end"), "{md}");
 }

@@ -20,6 +20,8 @@
 //!   group, and another user does not;
 //! * with a stand-in API server serving the Node and its annotation, KILO-NAT gets the SNAT
 //!   directly before a Kilo-style MASQUERADE and upstream sees the annotated addresses;
+//! * both containers serve /metrics on the node's address (status.hostIP), and promtool accepts
+//!   both;
 //! * every exec probe of the manifest passes when run, as do podman's healthchecks; the
 //!   watcher's liveness check fails while the watcher is stopped, and passes again after;
 //! * the memory limits are applied and hold with room to spare: the peak on this node, times
@@ -52,6 +54,7 @@ use kilo_egress_tests::kube::{
 use kilo_egress_tests::podman::{
     HostRust, PlayedPod, Podman, fnv1a, pod_from_daemonset, prepare_empty_dirs, require_podman,
 };
+use kilo_egress_tests::prom::{self, require_promtool};
 use kilo_egress_tests::{
     Backend, BusyNode, DaemonConfig, Family, Lab, bin_path, poll_until, require_root, source_root,
 };
@@ -434,7 +437,11 @@ fn the_image_holds_manual_pages_and_shell_completions() {
 }
 
 fn may_run(test: &str) -> bool {
-    require_root(test) && require_podman(test) && require_kmock(test) && require_kubectl(test)
+    require_root(test)
+        && require_podman(test)
+        && require_kmock(test)
+        && require_kubectl(test)
+        && require_promtool(test)
 }
 
 /// The whole story on a node whose kubelet and kg use `backend`.
@@ -464,7 +471,9 @@ fn pod_as_written(backend: Backend) {
     let host_dir = lab.dir().join("pod");
     std::fs::create_dir_all(&host_dir).unwrap();
     let name = format!("kilo-egress-{}", lab.node);
-    let plan = pod_from_daemonset(daemonset, &name, &host_dir, NODE, api.kubeconfig()).unwrap();
+    let host_ip = Family::V4.primary();
+    let plan =
+        pod_from_daemonset(daemonset, &name, &host_dir, NODE, host_ip, api.kubeconfig()).unwrap();
     say(&format!(
         "changed for podman:\n  {}",
         plan.changes.join("\n  ")
@@ -665,6 +674,29 @@ fn pod_as_written(backend: Backend) {
     say(
         "the watcher (uid/gid from the manifest, no capabilities) reaches the 0660 socket; uid 65533 does not",
     );
+
+    // Both containers serve their metrics on the node's address, as promtool accepts them.
+    let daemon_metrics = prom::scrape(&lab, &format!("{host_ip}:9464"))
+        .unwrap_or_else(|e| panic!("{e:#}{}", context()));
+    let watch_metrics = prom::scrape(&lab, &format!("{host_ip}:9465"))
+        .unwrap_or_else(|e| panic!("{e:#}{}", context()));
+    for text in [&daemon_metrics, &watch_metrics] {
+        let check = prom::promtool_check(text).unwrap();
+        assert!(check.success() && check.stdout.trim().is_empty(), "{check}");
+    }
+    assert_eq!(
+        prom::sample(&daemon_metrics, r#"kilo_egress_in_sync{ip_family="IPv4"}"#),
+        Some(1.0),
+        "{daemon_metrics}"
+    );
+    assert!(
+        prom::count(
+            &watch_metrics,
+            r#"kilo_egress_watch_set_egress_calls_total{result="success"}"#
+        ) >= 1.0,
+        "{watch_metrics}"
+    );
+    say("both containers serve /metrics on the node's address; promtool accepts them");
 
     // Every exec probe of the manifest passes when run; so do podman's healthchecks.
     for spec in pod["spec"]["containers"].as_array().unwrap() {

@@ -71,7 +71,8 @@ pub struct WatchArgs {
     #[arg(
         long,
         env = "KILO_EGRESS_WATCH_METRICS_LISTEN",
-        value_name = "ADDR:PORT"
+        value_name = "ADDR:PORT",
+        value_parser = kilo_egress_api::metrics_http::parse_listen_addr
     )]
     pub metrics_listen: Option<std::net::SocketAddr>,
 }

@@ -11,13 +11,15 @@
 //! 3. 1,000 concurrent SetEgress calls against 1,000 sequential ones: wall time, transactions;
 //! 4. drift repair latency (chain flushed, SNAT rule deleted → chain correct again), nft with
 //!    change notifications, nft polling and legacy polling;
-//! 5. idle CPU over a minute and peak RSS of the daemon.
+//! 5. idle CPU over a minute and peak RSS of the daemon;
+//! 6. egress that follows the address (the chosen address removed and added back);
+//! 7. the node watcher end to end: annotation written → SNAT in the kernel.
 //!
 //! Run it as root through `tests/bench.sh`, which builds everything in release mode first.
 //! `egress-bench --quick` is a smoke run with tiny sizes (about a minute).
 //!
 //! This file holds the command line and runs the phases in order. Each phase is measured in its
-//! own module (`setegress`, `ten_thousand`, `concurrency`, `drift`, `idle`) on the shared
+//! own module (`setegress`, `ten_thousand`, `concurrency`, `drift`, `idle`, `address`, `watch`) on the shared
 //! [`Bench`] (`bench`, `plan`); `results` holds what a run measured and judges the targets,
 //! `report` writes the result files, `plot` draws the SVG, `stats` summarises samples and
 //! `worker` runs the timing loops inside the node namespace (`egress-bench worker`).
@@ -36,6 +38,7 @@ mod results;
 mod setegress;
 mod stats;
 mod ten_thousand;
+mod watch;
 mod worker;
 
 use anyhow::{Context, bail};
@@ -62,7 +65,7 @@ struct Cli {
     #[arg(long)]
     out: Option<PathBuf>,
     /// Only these phases (comma-separated): setegress, ten-thousand, concurrent, drift, idle,
-    /// address.
+    /// address, watch.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Length of the idle CPU window.
@@ -214,6 +217,19 @@ fn bench_main(cli: &Cli) -> anyhow::Result<()> {
                 fmt_ms(a.poll.p50)
             );
             results.address.push(a);
+        }
+    }
+    if only(cli, "watch") {
+        for backend in [Backend::Nft, Backend::Legacy] {
+            let w = bench.watch(backend)?;
+            println!(
+                "{:6} annotation → SNAT: after the watch event {} | after the write {} (poll {})",
+                w.backend,
+                w.after_event.display(),
+                w.after_write.display(),
+                fmt_ms(w.poll.p50)
+            );
+            results.watch.push(w);
         }
     }
     if only(cli, "idle") {

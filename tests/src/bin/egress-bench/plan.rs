@@ -37,6 +37,8 @@ pub struct Plan {
     pub drift_iterations: usize,
     /// Removals (each followed by an addition) of the chosen address in the address phase.
     pub address_iterations: usize,
+    /// Annotation changes timed in the watch phase.
+    pub watch_changes: usize,
     /// Pause between a repair and the next tamper: a random value in this range (ms).
     pub drift_pause_ms: (u64, u64),
     /// RETURN rules of the idle daemons.
@@ -64,6 +66,7 @@ impl Plan {
             drift_rules: 100,
             drift_iterations: 12,
             address_iterations: 20,
+            watch_changes: 30,
             drift_pause_ms: (100, 600),
             idle_rules: 100,
             idle_seconds,
@@ -88,6 +91,7 @@ impl Plan {
             drift_rules: 10,
             drift_iterations: 2,
             address_iterations: 2,
+            watch_changes: 3,
             drift_pause_ms: (50, 150),
             idle_rules: 10,
             idle_seconds: 3,

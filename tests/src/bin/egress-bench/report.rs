@@ -164,6 +164,27 @@ pub fn markdown(r: &Results) -> String {
         }
         line(String::new());
     }
+    if !r.watch.is_empty() {
+        line("### The node watcher end to end".into());
+        line(String::new());
+        line("The Node annotation set through the API emulator (alternating addresses) → the bench's poll of `iptables -S KILO-NAT` sees the SNAT to the new address; timed from the watch event the emulator sent to `kilo-egress watch`, and from the write it received; median (p25–p75), max.".into());
+        line(String::new());
+        line("| backend | watch event → SNAT | max | write → SNAT | max | poll (resolution) | not seen |".into());
+        line("|---|---|---:|---|---:|---:|---:|".into());
+        for w in &r.watch {
+            line(format!(
+                "| {} | {} | {} | {} | {} | {} | {} |",
+                w.backend,
+                w.after_event.display(),
+                fmt_ms(w.after_event.max),
+                w.after_write.display(),
+                fmt_ms(w.after_write.max),
+                fmt_ms(w.poll.p50),
+                w.timeouts
+            ));
+        }
+        line(String::new());
+    }
     if !r.drift.is_empty() {
         line("### Drift repair".into());
         line(String::new());

@@ -63,6 +63,8 @@ pub struct Results {
     pub drift: Vec<Drift>,
     /// Phase 6: the chosen address removed and added back → the decision in the kernel.
     pub address: Vec<crate::address::AddressFollow>,
+    /// Phase 7: the node annotation changed → SNAT in the kernel, through `kilo-egress watch`.
+    pub watch: Vec<crate::watch::WatchLatency>,
     /// Phase 5: idle CPU and RSS.
     pub idle: Vec<Idle>,
     /// The targets judged against the phases measured.
@@ -210,6 +212,34 @@ pub fn targets(r: &Results) -> Vec<Target> {
                     .iter()
                     .map(|a| a.removed.n + a.added.n)
                     .sum::<usize>(),
+                if timeouts > 0 {
+                    format!(", {timeouts} not seen within 10 s")
+                } else {
+                    String::new()
+                }
+            ),
+            pass: timeouts == 0 && max <= 100.0,
+        });
+    }
+    if !r.watch.is_empty() {
+        let max = r
+            .watch
+            .iter()
+            .map(|w| w.after_event.max)
+            .fold(0.0, f64::max);
+        let p50 = r
+            .watch
+            .iter()
+            .map(|w| w.after_event.p50)
+            .fold(0.0, f64::max);
+        let timeouts: usize = r.watch.iter().map(|w| w.timeouts).sum();
+        out.push(Target {
+            target: "annotation watch event → SNAT in the kernel ≤ 100 ms (nft and legacy)".into(),
+            measured: format!(
+                "p50 ≤ {}, max {} over {} changes{}",
+                fmt_ms(p50),
+                fmt_ms(max),
+                r.watch.iter().map(|w| w.after_event.n).sum::<usize>(),
                 if timeouts > 0 {
                     format!(", {timeouts} not seen within 10 s")
                 } else {

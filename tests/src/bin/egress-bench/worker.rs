@@ -75,6 +75,30 @@ pub enum Job {
         /// Give up on one transition after this long.
         timeout_ms: u64,
     },
+    /// Sets the Node annotation to each of `values` in turn through the API emulator
+    /// (`python3 SCRIPT --server SERVER annotate NODE ANNOTATION=VALUE`, started without waiting)
+    /// and polls `IPT -w -t nat -S CHAIN` until the chain's decision is SNAT to that value; records
+    /// when it was seen (Unix time), for the emulator's timeline to be compared with.
+    Annotate {
+        /// e.g. `iptables-nft`.
+        binary: String,
+        /// The chain watched.
+        chain: String,
+        /// tests/kmock/apiserver.py.
+        script: String,
+        /// The emulator's URL.
+        server: String,
+        /// The Node's name.
+        node: String,
+        /// The annotation key.
+        annotation: String,
+        /// The addresses set in turn.
+        values: Vec<String>,
+        /// Pause before each change (ms, uniformly random in this range).
+        pause_ms: (u64, u64),
+        /// Give up on one change after this long.
+        timeout_ms: u64,
+    },
 }
 
 /// The target of a chain listing's decision rule: the first SNAT or MASQUERADE rule.
@@ -108,6 +132,10 @@ pub struct Samples {
     /// MASQUERADE).
     #[serde(default)]
     pub back_ns: Vec<u64>,
+    /// Annotate: when each value's SNAT was seen in the chain, in nanoseconds of Unix time (0 when
+    /// it was not seen within the timeout).
+    #[serde(default)]
+    pub seen_unix_ns: Vec<u64>,
 }
 
 fn run(binary: &str, args: &[&str], stdin: Option<&str>) -> anyhow::Result<String> {
@@ -278,6 +306,55 @@ pub fn run_job(job: &Job) -> anyhow::Result<Samples> {
                             break;
                         }
                     }
+                }
+            }
+        }
+        Job::Annotate {
+            binary,
+            chain,
+            script,
+            server,
+            node,
+            annotation,
+            values,
+            pause_ms,
+            timeout_ms,
+        } => {
+            let list = ["-w", "-t", "nat", "-S", chain.as_str()];
+            for value in values {
+                std::thread::sleep(Duration::from_millis(jitter(pause_ms.0, pause_ms.1)));
+                let mut annotate = Command::new("python3")
+                    .args([script, "--server", server, "annotate", node])
+                    .arg(format!("{annotation}={value}"))
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .spawn()
+                    .context("start apiserver.py annotate")?;
+                let started = Instant::now();
+                let seen = loop {
+                    let poll = Instant::now();
+                    let listing = run(binary, &list, None).unwrap_or_default();
+                    samples.poll_ns.push(nanos(poll.elapsed()));
+                    let decision = listing
+                        .lines()
+                        .find(|l| l.contains(" -j SNAT ") || l.contains(" -j MASQUERADE"));
+                    let to_source = decision.and_then(|l| {
+                        let mut words = l.split_whitespace();
+                        words.find(|w| *w == "--to-source")?;
+                        words.next()
+                    });
+                    if to_source == Some(value.as_str()) {
+                        break nanos(std::time::UNIX_EPOCH.elapsed()?);
+                    }
+                    if started.elapsed() >= Duration::from_millis(*timeout_ms) {
+                        samples.timeouts += 1;
+                        break 0;
+                    }
+                };
+                samples.seen_unix_ns.push(seen);
+                let status = annotate.wait()?;
+                if !status.success() {
+                    bail!("apiserver.py annotate {node} {annotation}={value}: {status}");
                 }
             }
         }
