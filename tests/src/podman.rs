@@ -510,6 +510,8 @@ pub struct PodPlan {
 /// * the downward-API `fieldRef: spec.nodeName` becomes the literal `node`, `status.hostIP` the
 ///   literal `host_ip`, and `$(VAR)` in a later env value is expanded as the kubelet does
 ///   (podman expands neither);
+/// * with `hostNetwork`, container `ports` are dropped: there they only document what the
+///   containers listen on, and podman refuses port mappings on the host's network;
 /// * containers that talk to the Kubernetes API (env `NODE_NAME`) get `KUBECONFIG` pointing at
 ///   `kubeconfig`, mounted read-only: podman has no service-account token.
 ///
@@ -569,11 +571,19 @@ pub fn pod_from_daemonset(
         }
     }
     let mut needs_kubeconfig = false;
+    let host_network = spec["hostNetwork"] == true;
     for container in spec["containers"]
         .as_array_mut()
         .context("the pod template has no containers")?
     {
         let cname = container["name"].as_str().unwrap_or_default().to_owned();
+        if host_network
+            && let Some(ports) = container.as_object_mut().and_then(|c| c.remove("ports"))
+        {
+            changes.push(format!(
+                "container {cname}: ports {ports} dropped (hostNetwork: informational only; podman maps ports, which the host's network cannot take)"
+            ));
+        }
         let mut talks_to_api = false;
         // The values defined so far, for `$(VAR)` in later ones.
         let mut defined: Vec<(String, String)> = Vec::new();
@@ -802,10 +812,12 @@ mod tests {
             "spec": {"template": {
                 "metadata": {"labels": {"app": "x"}},
                 "spec": {
+                    "hostNetwork": true,
                     "securityContext": {"fsGroup": 65532},
                     "containers": [
                         {"name": "d", "securityContext": {"readOnlyRootFilesystem": true},
-                         "volumeMounts": [{"name": "s", "mountPath": "/run/s"}]},
+                         "volumeMounts": [{"name": "s", "mountPath": "/run/s"}],
+                         "ports": [{"name": "metrics", "containerPort": 9464}]},
                         {"name": "w", "env": [
                             {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
                             {"name": "HOST_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.hostIP"}}},
@@ -830,10 +842,9 @@ mod tests {
         .unwrap();
         let spec = &plan.pod["spec"];
         assert_eq!(plan.pod["kind"], "Pod");
-        assert_eq!(
-            spec["containers"][0],
-            ds["spec"]["template"]["spec"]["containers"][0]
-        );
+        let mut daemon = ds["spec"]["template"]["spec"]["containers"][0].clone();
+        daemon.as_object_mut().unwrap().remove("ports");
+        assert_eq!(spec["containers"][0], daemon, "only the ports are dropped");
         assert_eq!(
             spec["containers"][1]["env"][0],
             json!({"name": "NODE_NAME", "value": "node-a"})
@@ -861,6 +872,6 @@ mod tests {
             plan.empty_dirs[Path::new("/t/volume-s")],
             (0o3777, Some(65532))
         );
-        assert_eq!(plan.changes.len(), 7, "{:#?}", plan.changes);
+        assert_eq!(plan.changes.len(), 8, "{:#?}", plan.changes);
     }
 }

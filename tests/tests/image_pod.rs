@@ -6,8 +6,8 @@
 //! with the securityContext, volumes and probes as written. Changed are only what podman cannot
 //! take ([`kilo_egress_tests::podman::pod_from_daemonset`] lists them and prints them): the kind,
 //! hostPath locations, emptyDirs (prepared as the kubelet prepares them, since podman ignores
-//! `fsGroup` and `medium`), the downward-API node name, and a kubeconfig instead of the service
-//! account token. The node is a busy Kubernetes node (kubelet's marker chain, 20,000 kube-proxy
+//! `fsGroup` and `medium`), the downward-API node name and host IP, the containers' ports (podman
+//! refuses them on the host's network), and a kubeconfig instead of the service account token. The node is a busy Kubernetes node (kubelet's marker chain, 20,000 kube-proxy
 //! rules per family), once on nft and once on legacy, and kg writes KILO-NAT only after the pod
 //! started, as it may on a new node. The test proves:
 //!
