@@ -32,6 +32,17 @@ pub fn parse_listen_addr(text: &str) -> Result<SocketAddr, String> {
     })
 }
 
+/// Registers `metric` in `registry` and returns it, for the caller to keep.
+pub fn registered<M>(registry: &Registry, metric: M) -> M
+where
+    M: prometheus::core::Collector + Clone + 'static,
+{
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("each metric is registered once");
+    metric
+}
+
 /// A registry with what every kilo-egress binary exports: `kilo_egress_build_info` (labelled
 /// with `binary` and `version`) and the standard `process_*` metrics.
 pub fn registry(binary: &str, version: &str) -> Registry {
@@ -46,7 +57,7 @@ pub fn registry(binary: &str, version: &str) -> Registry {
     )
     .expect("valid metric");
     info.set(1.0);
-    registry.register(Box::new(info)).expect("registered once");
+    registered(&registry, info);
     registry
         .register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),

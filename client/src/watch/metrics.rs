@@ -2,6 +2,7 @@
 //! reconciles by outcome, SetEgress calls by result, invalid annotations, reconnects. Served by
 //! [`kilo_egress_api::metrics_http`]; docs/operations.md says what each one means.
 
+use kilo_egress_api::metrics_http::registered;
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
 /// Every metric of `kilo-egress watch`.
@@ -29,10 +30,7 @@ impl WatchMetrics {
             kilo_egress_api::metrics_http::registry("kilo-egress-watch", env!("CARGO_PKG_VERSION"));
         let counter = |name: &str, help: &str, labels: &[&str]| {
             let metric = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
-            registry
-                .register(Box::new(metric.clone()))
-                .expect("registered once");
-            metric
+            registered(&registry, metric)
         };
         let events = counter(
             "kilo_egress_watch_events_total",
@@ -54,12 +52,7 @@ impl WatchMetrics {
             "Connections made again after a failure: to the Kubernetes API (the Node watch resumes) or to kilo-egressd.",
             &["to"],
         );
-        let single = |metric: IntGauge| {
-            registry
-                .register(Box::new(metric.clone()))
-                .expect("registered once");
-            metric
-        };
+        let single = |metric: IntGauge| registered(&registry, metric);
         let annotation_invalid = single(
             IntGauge::new(
                 "kilo_egress_watch_annotation_invalid",
@@ -79,9 +72,7 @@ impl WatchMetrics {
             "Invalid annotation values seen (each new value once).",
         )
         .expect("valid metric");
-        registry
-            .register(Box::new(invalid.clone()))
-            .expect("registered once");
+        let invalid = registered(&registry, invalid);
         WatchMetrics {
             registry,
             events,

@@ -16,6 +16,8 @@ use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
+use kilo_egress_api::metrics_http::registered;
+
 /// The `ip_family` label of `family`, as kube-proxy spells it.
 pub fn family_label(family: Family) -> &'static str {
     match family {
@@ -75,18 +77,12 @@ impl Default for Metrics {
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     let metric = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
-    registry
-        .register(Box::new(metric.clone()))
-        .expect("registered once");
-    metric
+    registered(registry, metric)
 }
 
 fn gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
     let metric = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
-    registry
-        .register(Box::new(metric.clone()))
-        .expect("registered once");
-    metric
+    registered(registry, metric)
 }
 
 impl Metrics {
@@ -105,15 +101,10 @@ impl Metrics {
             &["ip_family"],
         )
         .expect("valid metric");
-        registry
-            .register(Box::new(sync_duration.clone()))
-            .expect("registered once");
+        let sync_duration = registered(&registry, sync_duration);
         let r = &registry;
         let single = |name: &str, help: &str| {
-            let metric = IntGauge::new(name, help).expect("valid metric");
-            r.register(Box::new(metric.clone()))
-                .expect("registered once");
-            metric
+            registered(r, IntGauge::new(name, help).expect("valid metric"))
         };
         let write_path_degraded = single(
             "kilo_egress_write_path_degraded",
@@ -128,8 +119,7 @@ impl Metrics {
             "State-file writes that failed.",
         )
         .expect("valid metric");
-        r.register(Box::new(state_save_failures.clone()))
-            .expect("registered once");
+        let state_save_failures = registered(r, state_save_failures);
         Metrics {
             sync_duration,
             restores: counter(
