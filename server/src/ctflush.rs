@@ -162,7 +162,13 @@ impl ConntrackFlush {
             },
             started: Instant::now(),
         };
-        let _ = self.jobs.send(job);
+        if self.jobs.send(job).is_err() {
+            // The deleting thread is gone (it panicked): say so instead of waiting forever.
+            self.failed(
+                family,
+                "the conntrack thread stopped; restart kilo-egressd".into(),
+            );
+        }
     }
 
     /// The family could not be prepared (its NATed sources unreadable): say so in GetRules.
@@ -311,5 +317,34 @@ fn flush(job: &Job) -> Result<usize, String> {
             Ok(deleted)
         }
         None => Ok(deleted),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stopped_thread_shows_as_a_failure_instead_of_waiting_forever() {
+        let (jobs, inbox) = mpsc::channel();
+        drop(inbox);
+        let metrics = Arc::new(Metrics::new());
+        let flush = ConntrackFlush {
+            jobs,
+            outcomes: Arc::default(),
+            metrics: metrics.clone(),
+        };
+        let old = Decision::from(Some("198.51.100.20".parse().unwrap()));
+        flush.decision_changed(Family::Ipv4, old, Decision::from(None), vec![]);
+        let described = flush.describe();
+        assert!(
+            described.contains("failed: the conntrack thread stopped"),
+            "{described}"
+        );
+        let text = kilo_egress_api::metrics_http::render(metrics.registry());
+        assert!(
+            text.contains(r#"kilo_egress_conntrack_flush_failures_total{ip_family="IPv4"} 1"#),
+            "{text}"
+        );
     }
 }
