@@ -62,7 +62,7 @@ impl fmt::Display for Line {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Line::DeclareChain(chain) => write!(f, ":{chain} - [0:0]"),
-            Line::Append(rule) => write!(f, "{}", rule.spec()),
+            Line::Append(rule) => write!(f, "{rule}"),
             Line::Insert {
                 chain,
                 position,
@@ -452,7 +452,7 @@ mod tests {
             fake.tamper_silently(Family::Ipv4, |t| {
                 t.get_mut(KILO_NAT).unwrap().insert(0, late_return.into());
             });
-            fake.restore(Family::Ipv4, &commit.to_string()).unwrap();
+            fake.restore(Family::Ipv4, &commit).unwrap();
             let chain = fake.chain(Family::Ipv4, KILO_NAT).unwrap();
             let snat = chain
                 .iter()
