@@ -12,7 +12,7 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::Ordering;
 
 use crate::nftwatch::{self, KernelEvent};
-use crate::rules::{ObservedRule, parse_listing_line};
+use crate::rules::{ObservedRule, Rule, parse_listing_line_like, share_text};
 use crate::xtinfo::{self, TableShape};
 
 /// Which iptables implementation programs the kernel.
@@ -242,6 +242,20 @@ pub trait Netfilter: Send + Sync {
         family: Family,
         chain: &str,
     ) -> Result<Option<Vec<ObservedRule>>, NetfilterError>;
+    /// [`Netfilter::read_chain`], where each rule that equals the rule of `like` at the same
+    /// position shares that rule's text instead of holding a copy ([`share_text`]).
+    fn read_chain_like(
+        &self,
+        family: Family,
+        chain: &str,
+        like: &[Rule],
+    ) -> Result<Option<Vec<ObservedRule>>, NetfilterError> {
+        let mut rules = self.read_chain(family, chain)?;
+        if let Some(rules) = &mut rules {
+            share_text(rules, like);
+        }
+        Ok(rules)
+    }
     /// Applies one `iptables-restore --noflush` input atomically. `input` renders the text (a
     /// [`crate::rules::Transaction`], or any text); it is written out as it is rendered.
     fn restore(&self, family: Family, input: &dyn fmt::Display) -> Result<(), NetfilterError>;
@@ -317,6 +331,15 @@ impl Netfilter for IptablesCli {
         family: Family,
         chain: &str,
     ) -> Result<Option<Vec<ObservedRule>>, NetfilterError> {
+        self.read_chain_like(family, chain, &[])
+    }
+
+    fn read_chain_like(
+        &self,
+        family: Family,
+        chain: &str,
+        like: &[Rule],
+    ) -> Result<Option<Vec<ObservedRule>>, NetfilterError> {
         let command = self.backend.list_command(family);
         let failed = |stderr: String| NetfilterError::List {
             command: command.to_string(),
@@ -335,7 +358,7 @@ impl Netfilter for IptablesCli {
                 error,
             })?;
         let rules = match child.stdout.take() {
-            Some(stdout) => read_listing(BufReader::new(stdout)),
+            Some(stdout) => read_listing(BufReader::new(stdout), like),
             None => Ok(Vec::new()),
         };
         let output = child
@@ -409,13 +432,15 @@ impl Netfilter for IptablesCli {
 }
 
 /// Parses a `-S -v` listing as the tool prints it, one line at a time (see
-/// [`parse_listing_line`]); the listing itself is never held whole.
-fn read_listing(mut listing: impl BufRead) -> std::io::Result<Vec<ObservedRule>> {
+/// [`parse_listing_line_like`]); the listing itself is never held whole, and a rule equal to the
+/// rule of `like` at its position shares that rule's text.
+fn read_listing(mut listing: impl BufRead, like: &[Rule]) -> std::io::Result<Vec<ObservedRule>> {
     let mut rules = Vec::new();
     let mut line = Vec::new();
     while listing.read_until(b'\n', &mut line)? > 0 {
         let text = String::from_utf8_lossy(&line);
-        rules.extend(parse_listing_line(text.trim_end_matches('\n')));
+        let rule = parse_listing_line_like(text.trim_end_matches('\n'), like.get(rules.len()));
+        rules.extend(rule);
         line.clear();
     }
     rules.shrink_to_fit();
@@ -518,10 +543,21 @@ mod tests {
     fn a_streamed_listing_parses_as_the_whole_text_does() {
         let listing = "-P POSTROUTING ACCEPT -c 0 0\n-A KILO-NAT -d 10.0.0.1/32 -c 7 420 -j RETURN\n-A KILO-NAT -j MASQUERADE";
         // A small buffer, so lines arrive in pieces.
-        let streamed =
-            read_listing(BufReader::with_capacity(8, std::io::Cursor::new(listing))).unwrap();
-        assert_eq!(streamed, crate::rules::parse_listing(listing));
-        assert_eq!(streamed.len(), 2);
+        let like = crate::rules::parse_listing(listing);
+        let streamed = read_listing(
+            BufReader::with_capacity(8, std::io::Cursor::new(listing)),
+            &[like[0].rule.clone()],
+        )
+        .unwrap();
+        assert_eq!(streamed, like);
+        assert!(
+            std::sync::Arc::ptr_eq(&streamed[0].rule.args, &like[0].rule.args),
+            "a rule equal to the one given shares its text"
+        );
+        assert!(!std::sync::Arc::ptr_eq(
+            &streamed[1].rule.args,
+            &like[1].rule.args
+        ));
     }
 
     #[test]

@@ -203,11 +203,8 @@ impl NatTable {
 
     /// Reads KILO-NAT of `family`; where it holds the rules rendered once, it shares their text.
     fn read_kilo_nat(&self, family: Family) -> Result<Option<Vec<ObservedRule>>, NetfilterError> {
-        let mut chain = self.netfilter.read_chain(family, KILO_NAT)?;
-        if let Some(rules) = &mut chain {
-            rules::share_text(rules, &self.fixed[&family].returns);
-        }
-        Ok(chain)
+        let like = &self.fixed[&family].returns;
+        self.netfilter.read_chain_like(family, KILO_NAT, like)
     }
 
     /// Reads one family from the kernel (with counters) and decides what `addr` wants there.

@@ -154,10 +154,20 @@ pub fn parse_listing(listing: &str) -> Vec<ObservedRule> {
 /// One line of a `-S -v` listing as [`parse_listing`] reads it: the rule of an `-A` line, `None`
 /// for any other line.
 pub fn parse_listing_line(line: &str) -> Option<ObservedRule> {
+    parse_listing_line_like(line, None)
+}
+
+/// [`parse_listing_line`], sharing the text of `like` when the line holds that very rule (see
+/// [`share_text`]): a chain read back then costs no copy of what the service rendered.
+pub fn parse_listing_line_like(line: &str, like: Option<&Rule>) -> Option<ObservedRule> {
     let (chain, args) = line.strip_prefix("-A ")?.split_once(' ')?;
     let (args, packets, bytes) = strip_counters(args);
+    let rule = match like {
+        Some(like) if *like.chain == *chain && *like.args == *args => like.clone(),
+        _ => Rule::new(chain, args),
+    };
     Some(ObservedRule {
-        rule: Rule::new(chain, args),
+        rule,
         packets,
         bytes,
     })

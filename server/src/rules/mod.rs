@@ -9,7 +9,8 @@ pub mod plan;
 
 pub use canonical::{
     KILO_NAT, OWNED_COMMENT_PREFIX, ObservedRule, POSTROUTING, Rule, jump_rule, masquerade_rule,
-    parse_listing, parse_listing_line, return_rule, share_text, snat_rule, tokenize,
+    parse_listing, parse_listing_line, parse_listing_line_like, return_rule, share_text, snat_rule,
+    tokenize,
 };
 pub use desired::{
     Desired, FixedRules, ModeConfig, Observed, describe_drift, desired, desired_from,
