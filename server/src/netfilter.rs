@@ -256,6 +256,7 @@ pub trait Netfilter: Send + Sync {
         }
         Ok(rules)
     }
+
     /// Applies one `iptables-restore --noflush` input atomically. `input` renders the text (a
     /// [`crate::rules::Transaction`], or any text); it is written out as it is rendered.
     fn restore(&self, family: Family, input: &dyn fmt::Display) -> Result<(), NetfilterError>;
