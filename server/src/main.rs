@@ -262,10 +262,14 @@ async fn cleanup(args: &CommonArgs) -> anyhow::Result<()> {
 /// thread and the gRPC workers add up instead of reusing the same memory: with one arena a
 /// 10,000-rule start peaks at ~15 MiB instead of ~24 MiB, and a burst of 1,000 SetEgress calls
 /// at ~17 MiB instead of ~25 MiB (docs/BENCHMARKS.md), at no measured cost in speed (the work is
-/// serialized by the engine anyway). glibc reads `MALLOC_ARENA_MAX` (see mallopt(3)) when the
-/// process starts; setting the limit from inside would take an unsafe `mallopt` call, so the
-/// daemon executes itself again with the variable once (same pid, same arguments); an operator's
-/// own `MALLOC_ARENA_MAX` or `GLIBC_TUNABLES` is left as it is.
+/// serialized by the engine anyway). A fixed `MALLOC_MMAP_THRESHOLD_` of 128 KiB (glibc's
+/// default starting value) turns off the threshold's growth: every buffer of 128 KiB or more (a
+/// large chain's rule list, a GetRules reply) gets a mapping of its own, returned when it is
+/// freed, instead of staying resident in the heap after the first such buffer was freed (the
+/// 10,000-rule start and GetRules peak ~0.6 MB lower). glibc reads both (see mallopt(3)) when the
+/// process starts; setting them from inside would take unsafe `mallopt` calls, so the daemon
+/// executes itself again with the variables once (same pid, same arguments); an operator's own
+/// `MALLOC_ARENA_MAX` or `GLIBC_TUNABLES` is left as it is.
 fn limit_malloc_arenas() {
     use std::os::unix::process::CommandExt;
     if std::env::var_os("MALLOC_ARENA_MAX").is_some()
@@ -279,6 +283,7 @@ fn limit_malloc_arenas() {
             .arg0(args.next().unwrap_or_default())
             .args(args)
             .env("MALLOC_ARENA_MAX", "1")
+            .env("MALLOC_MMAP_THRESHOLD_", "131072")
             .exec();
         // Only returns when the exec failed: run on with the default arenas.
         eprintln!(

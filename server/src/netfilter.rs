@@ -1,15 +1,18 @@
 //! The boundary to the kernel's nat table: reading one chain and applying one
-//! `iptables-restore --noflush` transaction. [`IptablesCli`] runs the real tools (reads through the
-//! `iptables` crate, writes through `iptables-restore`); the test double lives in
-//! `crate::testing` (feature `test-util`).
+//! `iptables-restore --noflush` transaction. [`IptablesCli`] runs the real tools (`iptables -S`
+//! to read, `iptables-restore` to write), and streams both: a listing is parsed line by line as
+//! the tool prints it, and a transaction is written to the tool as it is rendered, so a chain of
+//! 10,000 rules is never held as one text. The test double lives in `crate::testing` (feature
+//! `test-util`).
 
 use kilo_egress_api::egress::Family;
-use std::io::Write;
+use std::fmt;
+use std::io::{BufRead, BufReader, BufWriter, Write};
 use std::process::{Command, Stdio};
 use std::sync::atomic::Ordering;
 
 use crate::nftwatch::{self, KernelEvent};
-use crate::rules::{ObservedRule, parse_listing};
+use crate::rules::{ObservedRule, Rule, parse_listing_line_like, share_text};
 use crate::xtinfo::{self, TableShape};
 
 /// Which iptables implementation programs the kernel.
@@ -239,8 +242,24 @@ pub trait Netfilter: Send + Sync {
         family: Family,
         chain: &str,
     ) -> Result<Option<Vec<ObservedRule>>, NetfilterError>;
-    /// Applies one `iptables-restore --noflush` input atomically.
-    fn restore(&self, family: Family, input: &str) -> Result<(), NetfilterError>;
+    /// [`Netfilter::read_chain`], where each rule that equals the rule of `like` at the same
+    /// position shares that rule's text instead of holding a copy ([`share_text`]).
+    fn read_chain_like(
+        &self,
+        family: Family,
+        chain: &str,
+        like: &[Rule],
+    ) -> Result<Option<Vec<ObservedRule>>, NetfilterError> {
+        let mut rules = self.read_chain(family, chain)?;
+        if let Some(rules) = &mut rules {
+            share_text(rules, like);
+        }
+        Ok(rules)
+    }
+
+    /// Applies one `iptables-restore --noflush` input atomically. `input` renders the text (a
+    /// [`crate::rules::Transaction`], or any text); it is written out as it is rendered.
+    fn restore(&self, family: Family, input: &dyn fmt::Display) -> Result<(), NetfilterError>;
     /// The backend name reported to users.
     fn backend_name(&self) -> &'static str;
     /// The netlink port id under which the last successful restore changed the kernel (for
@@ -274,22 +293,11 @@ pub type ChangeForwarder = Box<dyn FnMut(KernelEvent) -> bool + Send>;
 pub struct IptablesCli {
     backend: Backend,
     last_writer: std::sync::atomic::AtomicU32,
-    ipv4: iptables::IPTables,
-    ipv6: iptables::IPTables,
 }
 
 impl IptablesCli {
     /// Uses the tools of `backend`; fails with a clear message when they are not installed.
     pub fn new(backend: Backend) -> Result<IptablesCli, NetfilterError> {
-        // `has_wait: false` because the crate would add a bare `--wait` (wait forever); reads
-        // pass `--wait 10` themselves, as restores do, so a stuck xtables lock cannot hang
-        // the engine.
-        let tool = |family| iptables::IPTables {
-            cmd: backend.list_command(family),
-            has_check: true,
-            has_wait: false,
-            is_numeric: true,
-        };
         for family in Family::ALL {
             for command in [
                 backend.list_command(family),
@@ -301,16 +309,7 @@ impl IptablesCli {
         Ok(IptablesCli {
             backend,
             last_writer: std::sync::atomic::AtomicU32::new(0),
-            ipv4: tool(Family::Ipv4),
-            ipv6: tool(Family::Ipv6),
         })
-    }
-
-    fn tool(&self, family: Family) -> &iptables::IPTables {
-        match family {
-            Family::Ipv4 => &self.ipv4,
-            Family::Ipv6 => &self.ipv6,
-        }
     }
 }
 
@@ -333,32 +332,53 @@ impl Netfilter for IptablesCli {
         family: Family,
         chain: &str,
     ) -> Result<Option<Vec<ObservedRule>>, NetfilterError> {
-        let tool = self.tool(family);
-        let output = tool
-            .execute("nat", &format!("-S {chain} -v --wait 10"))
-            .map_err(|e| NetfilterError::List {
-                command: tool.cmd.to_string(),
-                chain: chain.to_string(),
-                stderr: e.to_string(),
+        self.read_chain_like(family, chain, &[])
+    }
+
+    fn read_chain_like(
+        &self,
+        family: Family,
+        chain: &str,
+        like: &[Rule],
+    ) -> Result<Option<Vec<ObservedRule>>, NetfilterError> {
+        let command = self.backend.list_command(family);
+        let failed = |stderr: String| NetfilterError::List {
+            command: command.to_string(),
+            chain: chain.to_string(),
+            stderr,
+        };
+        // `--wait 10`, as restores do, so a stuck xtables lock cannot hang the engine.
+        let mut child = Command::new(command)
+            .args(["-t", "nat", "-S", chain, "-v", "--wait", "10"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|error| NetfilterError::Spawn {
+                command: command.to_string(),
+                error,
             })?;
+        let rules = match child.stdout.take() {
+            Some(stdout) => read_listing(BufReader::new(stdout), like),
+            None => Ok(Vec::new()),
+        };
+        let output = child
+            .wait_with_output()
+            .map_err(|e| failed(e.to_string()))?;
         if output.status.success() {
-            return Ok(Some(parse_listing(&String::from_utf8_lossy(
-                &output.stdout,
-            ))));
+            return rules.map(Some).map_err(|e| failed(e.to_string()));
         }
         // Exit status 1 is iptables' "no such chain" (the message differs by backend); anything
         // else, such as a parameter problem, is a real failure.
         if output.status.code() == Some(1) {
             return Ok(None);
         }
-        Err(NetfilterError::List {
-            command: tool.cmd.to_string(),
-            chain: chain.to_string(),
-            stderr: String::from_utf8_lossy(&output.stderr).trim().to_string(),
-        })
+        Err(failed(
+            String::from_utf8_lossy(&output.stderr).trim().to_string(),
+        ))
     }
 
-    fn restore(&self, family: Family, input: &str) -> Result<(), NetfilterError> {
+    fn restore(&self, family: Family, input: &dyn fmt::Display) -> Result<(), NetfilterError> {
         let command = self.backend.restore_command(family);
         let spawn_error = |error| NetfilterError::Spawn {
             command: command.to_string(),
@@ -377,7 +397,8 @@ impl Netfilter for IptablesCli {
         }
         Err(NetfilterError::Restore {
             command: command.to_string(),
-            context: failing_line_context(&stderr, input),
+            // Rendered again only now, to show the failing line.
+            context: failing_line_context(&stderr, &input.to_string()),
             stderr,
         })
     }
@@ -411,14 +432,30 @@ impl Netfilter for IptablesCli {
     }
 }
 
-/// Runs `command args` with `input` on stdin and waits for it: its pid, its output (stderr
-/// captured), and whether all of the input was written. A tool that exits before reading all of
-/// its input closes the pipe: what it printed and its exit status say why, not the write error;
-/// and it must be waited for either way.
+/// Parses a `-S -v` listing as the tool prints it, one line at a time (see
+/// [`parse_listing_line_like`]); the listing itself is never held whole, and a rule equal to the
+/// rule of `like` at its position shares that rule's text.
+fn read_listing(mut listing: impl BufRead, like: &[Rule]) -> std::io::Result<Vec<ObservedRule>> {
+    let mut rules = Vec::new();
+    let mut line = Vec::new();
+    while listing.read_until(b'\n', &mut line)? > 0 {
+        let text = String::from_utf8_lossy(&line);
+        let rule = parse_listing_line_like(text.trim_end_matches('\n'), like.get(rules.len()));
+        rules.extend(rule);
+        line.clear();
+    }
+    rules.shrink_to_fit();
+    Ok(rules)
+}
+
+/// Runs `command args`, writes `input` to its stdin as it is rendered, and waits for it: its
+/// pid, its output (stderr captured), and whether all of the input was written. A tool that
+/// exits before reading all of its input closes the pipe: what it printed and its exit status say
+/// why, not the write error; and it must be waited for either way.
 fn run_restore(
     command: &str,
     args: &[&str],
-    input: &str,
+    input: &dyn fmt::Display,
 ) -> std::io::Result<(u32, std::process::Output, std::io::Result<()>)> {
     let mut child = Command::new(command)
         .args(args)
@@ -427,7 +464,10 @@ fn run_restore(
         .stderr(Stdio::piped())
         .spawn()?;
     let written = match child.stdin.take() {
-        Some(mut stdin) => stdin.write_all(input.as_bytes()),
+        Some(stdin) => {
+            let mut stdin = BufWriter::new(stdin);
+            write!(stdin, "{input}").and_then(|()| stdin.flush())
+        }
         None => Ok(()),
     };
     let pid = child.id();
@@ -441,7 +481,7 @@ pub fn detect_random_fully(backend: Backend, families: &[Family]) -> Result<(), 
     const PROBE: &str = "*nat\n:KILO-EGRESS-PROBE - [0:0]\n-A KILO-EGRESS-PROBE -j MASQUERADE --random-fully\nCOMMIT\n";
     for family in families {
         let command = backend.restore_command(*family);
-        let (_, output, _) = run_restore(command, &["--test", "--noflush", "--wait", "10"], PROBE)
+        let (_, output, _) = run_restore(command, &["--test", "--noflush", "--wait", "10"], &PROBE)
             .map_err(|e| format!("{command}: {e}"))?;
         if !output.status.success() {
             let stderr = String::from_utf8_lossy(&output.stderr);
@@ -498,6 +538,57 @@ mod tests {
             context: String::new(),
         };
         assert!(!refused.is_lock_timeout());
+    }
+
+    #[test]
+    fn a_streamed_listing_parses_as_the_whole_text_does() {
+        let listing = "-P POSTROUTING ACCEPT -c 0 0\n-A KILO-NAT -d 10.0.0.1/32 -c 7 420 -j RETURN\n-A KILO-NAT -j MASQUERADE";
+        // A small buffer, so lines arrive in pieces.
+        let like = crate::rules::parse_listing(listing);
+        let streamed = read_listing(
+            BufReader::with_capacity(8, std::io::Cursor::new(listing)),
+            &[like[0].rule.clone()],
+        )
+        .unwrap();
+        assert_eq!(streamed, like);
+        assert!(
+            std::sync::Arc::ptr_eq(&streamed[0].rule.args, &like[0].rule.args),
+            "a rule equal to the one given shares its text"
+        );
+        assert!(!std::sync::Arc::ptr_eq(
+            &streamed[1].rule.args,
+            &like[1].rule.args
+        ));
+    }
+
+    #[test]
+    fn a_restore_input_reaches_the_tool_as_rendered() {
+        struct Lines(usize);
+        impl fmt::Display for Lines {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                (0..self.0).try_for_each(|i| writeln!(f, "-A KILO-NAT -d 10.0.{i}.0/24 -j RETURN"))
+            }
+        }
+        // Larger than a pipe's buffer: the tool must read while it is written.
+        let input = Lines(20_000);
+        let (_, output, written) = run_restore("sh", &["-c", "md5sum >&2"], &input).unwrap();
+        written.unwrap();
+        assert!(output.status.success());
+        let expected = Command::new("sh")
+            .args(["-c", "md5sum"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .and_then(|mut child| {
+                child
+                    .stdin
+                    .take()
+                    .unwrap()
+                    .write_all(input.to_string().as_bytes())?;
+                child.wait_with_output()
+            })
+            .unwrap();
+        assert_eq!(output.stderr, expected.stdout);
     }
 
     #[test]

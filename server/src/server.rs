@@ -30,7 +30,11 @@ use crate::write_limit::{WriteLimitLayer, WriteLimits};
 pub struct Limits {
     /// A request that takes longer fails with `CANCELLED`/`DEADLINE_EXCEEDED`.
     pub request_timeout: Duration,
-    /// Requests in flight per connection.
+    /// Requests in flight per connection, as HTTP/2 streams: the server announces the bound
+    /// (`SETTINGS_MAX_CONCURRENT_STREAMS`), so a client's further calls wait in the client and
+    /// cost the server nothing. Each call in flight holds ~5 KB of request state and, once
+    /// answered, its reply (~35 KB with a 100-rule chain) until it is written: unbounded, a
+    /// burst of 1,000 calls on 16 connections held ~8 MB at once.
     pub per_connection: usize,
     /// Requests in flight across all connections.
     pub global: usize,
@@ -42,7 +46,7 @@ impl Default for Limits {
     fn default() -> Limits {
         Limits {
             request_timeout: Duration::from_secs(30),
-            per_connection: 64,
+            per_connection: 16,
             global: 2048,
             max_message_bytes: 16 * 1024,
         }
@@ -151,6 +155,7 @@ pub async fn serve_all(
     };
     let set_egress_counter = SetEgressCounterLayer::new(engine.metrics());
     let router = Server::builder()
+        .max_concurrent_streams(u32::try_from(limits.per_connection).unwrap_or(u32::MAX))
         .layer(set_egress_counter)
         .timeout(limits.request_timeout)
         .concurrency_limit_per_connection(limits.per_connection)

@@ -6,6 +6,7 @@
 
 use kilo_egress_api::egress::Family;
 use std::collections::BTreeMap;
+use std::fmt;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -310,7 +311,8 @@ impl Netfilter for FakeNetfilter {
             .map(|lines| parse_listing(&lines.join("\n"))))
     }
 
-    fn restore(&self, family: Family, input: &str) -> Result<(), NetfilterError> {
+    fn restore(&self, family: Family, input: &dyn fmt::Display) -> Result<(), NetfilterError> {
+        let input = &input.to_string();
         if let Some(why) = self.refusing.lock().unwrap().clone() {
             return Err(NetfilterError::Restore {
                 command: "fake-restore".to_string(),
@@ -375,13 +377,13 @@ mod tests {
         let fake = FakeNetfilter::new();
         fake.restore(
             Family::Ipv4,
-            "*nat\n:KILO-NAT - [0:0]\n-A KILO-NAT -j MASQUERADE\nCOMMIT\n",
+            &"*nat\n:KILO-NAT - [0:0]\n-A KILO-NAT -j MASQUERADE\nCOMMIT\n",
         )
         .unwrap();
         let err = fake
             .restore(
                 Family::Ipv4,
-                "*nat\n-A KILO-NAT -j RETURN\n-D KILO-NAT -j NOPE-NOT-THERE\nCOMMIT\n",
+                &"*nat\n-A KILO-NAT -j RETURN\n-D KILO-NAT -j NOPE-NOT-THERE\nCOMMIT\n",
             )
             .unwrap_err();
         assert!(err.to_string().contains("line 3"), "{err}");
@@ -398,7 +400,7 @@ mod tests {
         fake.tamper(Family::Ipv6, |t| {
             t.get_mut("POSTROUTING").unwrap().push("-j ACCEPT".into())
         });
-        fake.restore(Family::Ipv6, "*nat\n:POSTROUTING ACCEPT [0:0]\nCOMMIT\n")
+        fake.restore(Family::Ipv6, &"*nat\n:POSTROUTING ACCEPT [0:0]\nCOMMIT\n")
             .unwrap();
         assert_eq!(fake.chain(Family::Ipv6, "POSTROUTING").unwrap().len(), 1);
     }
@@ -408,9 +410,9 @@ mod tests {
         let fake = FakeNetfilter::new();
         assert_eq!(fake.last_writer(), None);
         let input = "*nat\n:KILO-NAT - [0:0]\nCOMMIT\n";
-        fake.restore(Family::Ipv4, input).unwrap();
+        fake.restore(Family::Ipv4, &input).unwrap();
         let first = fake.last_writer().unwrap();
-        fake.restore(Family::Ipv4, input).unwrap();
+        fake.restore(Family::Ipv4, &input).unwrap();
         assert_ne!(fake.last_writer(), Some(first));
     }
 }

@@ -338,7 +338,7 @@ impl Netfilter for RefusingNetfilter {
     fn read_chain(&self, _: Family, _: &str) -> Result<Option<Vec<ObservedRule>>, NetfilterError> {
         Ok(None)
     }
-    fn restore(&self, _: Family, _: &str) -> Result<(), NetfilterError> {
+    fn restore(&self, _: Family, _: &dyn std::fmt::Display) -> Result<(), NetfilterError> {
         Err(NetfilterError::Restore {
             command: "refusing-restore".into(),
             stderr: "line 2 failed".into(),

@@ -395,7 +395,7 @@ impl Netfilter for Gated {
         self.fake.read_chain(family, chain)
     }
 
-    fn restore(&self, family: Family, input: &str) -> Result<(), NetfilterError> {
+    fn restore(&self, family: Family, input: &dyn std::fmt::Display) -> Result<(), NetfilterError> {
         let mut closed = self.closed.lock().unwrap();
         self.waiting
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);

@@ -1,7 +1,8 @@
 //! What a raw HTTP/2 client sees for the `:authority` it sends: on the unix socket every value
 //! is served (a socket path, its %-encoding, garbage, none at all), on loopback TCP the server
 //! keeps its normal semantics and refuses a path; garbage frames on the unix socket close that
-//! connection only; and the server's SETTINGS stay what `kilo_egressd::authority` relies on.
+//! connection only; and the server's SETTINGS stay what `kilo_egressd::authority` relies on, and
+//! bound the streams a client may open at once.
 
 use kilo_egressd::engine::{Engine, EngineConfig};
 use kilo_egressd::listen::ListenAddr;
@@ -277,4 +278,21 @@ async fn server_settings_keep_the_hpack_table_and_frame_size_the_boundary_assume
             _ => {}
         }
     }
+}
+
+#[tokio::test]
+async fn server_settings_bound_the_calls_a_connection_has_in_flight() {
+    // Unbounded, 1,000 concurrent calls on 16 connections held ~8 MB of request state and
+    // replies at once; announced, a client's further calls wait in the client.
+    let server = start().await;
+    let io = tokio::net::UnixStream::connect(&server.socket)
+        .await
+        .unwrap();
+    let (_, settings) = get_rules_raw(io, &[None]).await;
+    let max_streams = settings
+        .iter()
+        .find(|(id, _)| *id == 0x3)
+        .map(|(_, value)| *value as usize);
+    assert_eq!(max_streams, Some(Limits::default().per_connection));
+    assert!(Limits::default().per_connection <= 16);
 }

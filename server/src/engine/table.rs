@@ -15,7 +15,8 @@ use super::families::ManagedFamilies;
 use crate::metrics::Metrics;
 use crate::netfilter::{ChangeForwarder, Netfilter, NetfilterError};
 use crate::rules::{
-    self, Desired, KILO_NAT, ModeConfig, Observed, ObservedRule, POSTROUTING, Transaction,
+    self, Desired, FixedRules, KILO_NAT, ModeConfig, Observed, ObservedRule, POSTROUTING,
+    Transaction,
 };
 use crate::xtinfo::TableShape;
 
@@ -82,6 +83,9 @@ struct PendingTidy {
 /// What the kernel holds for each family, and how to get it right.
 pub struct NatTable {
     mode: ModeConfig,
+    /// The rules of each family that no address changes, rendered once: every desired chain,
+    /// and every chain read back, shares their text.
+    fixed: BTreeMap<Family, FixedRules>,
     families: ManagedFamilies,
     netfilter: Arc<dyn Netfilter>,
     /// What the kernel holds per family, as last read or written; dropped when a change
@@ -111,6 +115,10 @@ impl NatTable {
         netfilter: Arc<dyn Netfilter>,
     ) -> NatTable {
         NatTable {
+            fixed: Family::ALL
+                .into_iter()
+                .map(|family| (family, FixedRules::new(&mode, family)))
+                .collect(),
             mode,
             families,
             netfilter,
@@ -192,13 +200,21 @@ impl NatTable {
 
     /// What `addr` wants in `family`, given what the kernel holds.
     fn desire(&self, family: Family, addr: Option<IpAddr>, observed: &Observed) -> Desired {
-        match self.families.unmanaged_reason(family) {
-            Some(why) => rules::without_owned_rules(observed, why.to_string()),
-            None if self.random_fully => {
-                rules::desired(&self.mode, family, addr, observed).with_random_fully()
-            }
-            None => rules::desired(&self.mode, family, addr, observed),
+        if let Some(why) = self.families.unmanaged_reason(family) {
+            return rules::without_owned_rules(observed, why.to_string());
         }
+        let desired = rules::desired_from(&self.mode, &self.fixed[&family], family, addr, observed);
+        if self.random_fully {
+            desired.with_random_fully()
+        } else {
+            desired
+        }
+    }
+
+    /// Reads KILO-NAT of `family`; where it holds the rules rendered once, it shares their text.
+    fn read_kilo_nat(&self, family: Family) -> Result<Option<Vec<ObservedRule>>, NetfilterError> {
+        let like = &self.fixed[&family].returns;
+        self.netfilter.read_chain_like(family, KILO_NAT, like)
     }
 
     /// Reads one family from the kernel (with counters) and decides what `addr` wants there.
@@ -208,7 +224,7 @@ impl NatTable {
         family: Family,
         addr: Option<IpAddr>,
     ) -> Result<ReadBack, NetfilterError> {
-        let chain = self.netfilter.read_chain(family, KILO_NAT)?;
+        let chain = self.read_kilo_nat(family)?;
         let postrouting = self
             .netfilter
             .read_chain(family, POSTROUTING)?
@@ -237,7 +253,7 @@ impl NatTable {
         {
             return Ok(known.clone());
         }
-        let chain = self.netfilter.read_chain(family, KILO_NAT)?;
+        let chain = self.read_kilo_nat(family)?;
         // Kilo mode writes nothing in POSTROUTING; it only removes jumps an earlier own-mode
         // run left there, which can exist only at start. Once seen clean it is not read again.
         let postrouting = if self.postrouting_clean.contains(&family) {
@@ -257,9 +273,8 @@ impl NatTable {
 
     /// Applies one transaction and counts it; forgets what it knew of the family on failure.
     fn restore(&mut self, family: Family, transaction: &Transaction) -> Result<(), NetfilterError> {
-        let input = transaction.to_string();
-        debug!(%family, transaction = %input, "applying transaction");
-        let result = self.netfilter.restore(family, &input);
+        debug!(%family, %transaction, "applying transaction");
+        let result = self.netfilter.restore(family, transaction);
         self.metrics.restored(family, result.is_ok());
         match result {
             Ok(()) => {
@@ -438,7 +453,7 @@ pub fn cleanup(mode: &ModeConfig, netfilter: &dyn Netfilter) -> Result<usize, Ne
             .unwrap_or_default();
         let observed = observed_rules(&chain, &postrouting);
         for (i, transaction) in rules::plan_cleanup(mode, &observed).into_iter().enumerate() {
-            match netfilter.restore(family, &transaction.to_string()) {
+            match netfilter.restore(family, &transaction) {
                 Ok(()) => {
                     removed += transaction.deletions();
                     let lines: Vec<String> = transaction
@@ -527,6 +542,25 @@ mod tests {
         );
         assert_eq!(table.shadowed_rules(), 0);
         assert_eq!(table.transactions(), 3);
+    }
+
+    #[test]
+    fn a_chain_read_or_desired_again_shares_the_text_rendered_at_start() {
+        // With 10,000 RETURN rules each copy of their text would cost about a megabyte.
+        let fake = Arc::new(FakeNetfilter::new());
+        let mut table = own_table(&fake);
+        table
+            .reconcile(Family::Ipv4, None, Freshness::Read)
+            .unwrap();
+        let first = table.read_back(Family::Ipv4, None).unwrap();
+        let second = table
+            .read_back(Family::Ipv4, addr("198.51.100.20"))
+            .unwrap();
+        let read = &first.chain.as_ref().unwrap()[0].rule;
+        let desired = |back: &ReadBack| back.desired.kilo_nat.as_ref().unwrap()[0].clone();
+        assert_eq!(read.target().as_deref(), Some("RETURN"));
+        assert!(Arc::ptr_eq(&read.args, &desired(&first).args));
+        assert!(Arc::ptr_eq(&desired(&first).args, &desired(&second).args));
     }
 
     #[test]

@@ -43,7 +43,7 @@ impl Rule {
 
     /// The rule as `iptables -S` prints it: `-A CHAIN ARGS`.
     pub fn spec(&self) -> String {
-        format!("-A {} {}", self.chain, self.args)
+        self.to_string()
     }
 
     /// The rule's comment, unquoted, if it has one.
@@ -130,7 +130,7 @@ fn outside_quotes(text: &str) -> bool {
 
 impl fmt::Display for Rule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.spec())
+        write!(f, "-A {} {}", self.chain, self.args)
     }
 }
 
@@ -148,19 +148,40 @@ pub struct ObservedRule {
 /// Parses the output of `iptables -t nat -S CHAIN -v`: keeps `-A` lines, strips the `-c P B`
 /// counters so the rule compares equal to a rendered one, and keeps the counters aside.
 pub fn parse_listing(listing: &str) -> Vec<ObservedRule> {
-    listing
-        .lines()
-        .filter_map(|line| line.strip_prefix("-A "))
-        .filter_map(|rest| {
-            let (chain, args) = rest.split_once(' ')?;
-            let (args, packets, bytes) = strip_counters(args);
-            Some(ObservedRule {
-                rule: Rule::new(chain, args),
-                packets,
-                bytes,
-            })
-        })
-        .collect()
+    listing.lines().filter_map(parse_listing_line).collect()
+}
+
+/// One line of a `-S -v` listing as [`parse_listing`] reads it: the rule of an `-A` line, `None`
+/// for any other line.
+pub fn parse_listing_line(line: &str) -> Option<ObservedRule> {
+    parse_listing_line_like(line, None)
+}
+
+/// [`parse_listing_line`], sharing the text of `like` when the line holds that very rule (see
+/// [`share_text`]): a chain read back then costs no copy of what the service rendered.
+pub fn parse_listing_line_like(line: &str, like: Option<&Rule>) -> Option<ObservedRule> {
+    let (chain, args) = line.strip_prefix("-A ")?.split_once(' ')?;
+    let (args, packets, bytes) = strip_counters(args);
+    let rule = match like {
+        Some(like) if *like.chain == *chain && *like.args == *args => like.clone(),
+        _ => Rule::new(chain, args),
+    };
+    Some(ObservedRule {
+        rule,
+        packets,
+        bytes,
+    })
+}
+
+/// Makes each rule of `rules` that equals the rule at the same position of `like` share that
+/// rule's text instead of holding a copy: a chain read back from the kernel then costs no text
+/// where it holds what the service rendered (own mode's RETURN rules come first, in order).
+pub fn share_text(rules: &mut [ObservedRule], like: &[Rule]) {
+    for (observed, rule) in rules.iter_mut().zip(like) {
+        if observed.rule == *rule {
+            observed.rule = rule.clone();
+        }
+    }
 }
 
 fn strip_counters(args: &str) -> (String, u64, u64) {
@@ -302,6 +323,27 @@ mod tests {
         assert!(Arc::ptr_eq(&rules[0].rule.chain, &rules[1].rule.chain));
         let rendered = return_rule("10.0.0.3/32".parse().unwrap());
         assert!(Arc::ptr_eq(&rendered.chain, &rules[0].rule.chain));
+    }
+
+    #[test]
+    fn a_chain_read_back_shares_the_text_rendered_for_it() {
+        let rendered: Vec<Rule> = ["10.0.0.1/32", "10.0.0.2/32"]
+            .iter()
+            .map(|net| return_rule(net.parse().unwrap()))
+            .collect();
+        let listing = format!(
+            "-N KILO-NAT\n{} -c 3 180\n-A KILO-NAT -d 10.0.0.9/32 -j RETURN\n",
+            rendered[0]
+        );
+        let mut read = parse_listing(&listing);
+        assert!(!Arc::ptr_eq(&read[0].rule.args, &rendered[0].args));
+        share_text(&mut read, &rendered);
+        assert!(Arc::ptr_eq(&read[0].rule.args, &rendered[0].args));
+        assert_eq!(read[0].packets, 3, "counters stay");
+        assert_ne!(
+            read[1].rule, rendered[1],
+            "a different rule keeps its own text"
+        );
     }
 
     #[test]

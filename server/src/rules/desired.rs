@@ -103,6 +103,44 @@ pub fn without_owned_rules(observed: &Observed, why: String) -> Desired {
     }
 }
 
+/// The rules own mode writes in a family whatever address is chosen: its RETURN rules and its
+/// POSTROUTING jumps, rendered once. Every desired chain of the family is built from these, so
+/// its copies share their text: with 10,000 `--no-nat-cidr` each rendering would cost about a
+/// megabyte, and the engine wants the chain at every change, check and GetRules.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FixedRules {
+    /// The RETURN rules of KILO-NAT, in order (own mode).
+    pub returns: Vec<Rule>,
+    /// The jumps that open POSTROUTING, in order (own mode).
+    pub jumps: Vec<Rule>,
+}
+
+impl FixedRules {
+    /// Renders the fixed rules of `family` for `mode` (none in kilo mode).
+    pub fn new(mode: &ModeConfig, family: Family) -> FixedRules {
+        let ModeConfig::Own {
+            source_cidrs,
+            no_nat_cidrs,
+        } = mode
+        else {
+            return FixedRules::default();
+        };
+        let of_family = |nets: &[IpNet]| -> Vec<IpNet> {
+            nets.iter()
+                .copied()
+                .filter(|n| family_of_net(n) == family)
+                .collect()
+        };
+        FixedRules {
+            returns: of_family(no_nat_cidrs)
+                .into_iter()
+                .map(return_rule)
+                .collect(),
+            jumps: of_family(source_cidrs).into_iter().map(jump_rule).collect(),
+        }
+    }
+}
+
 /// Computes the desired rules of one family from the configuration, the chosen address and
 /// (in kilo mode, where the service only adds to Kilo's chain) what the kernel holds.
 pub fn desired(
@@ -111,29 +149,28 @@ pub fn desired(
     addr: Option<IpAddr>,
     observed: &Observed,
 ) -> Desired {
+    desired_from(mode, &FixedRules::new(mode, family), family, addr, observed)
+}
+
+/// [`desired`], built from the family's [`FixedRules`] rendered earlier.
+pub fn desired_from(
+    mode: &ModeConfig,
+    fixed: &FixedRules,
+    family: Family,
+    addr: Option<IpAddr>,
+    observed: &Observed,
+) -> Desired {
     match mode {
-        ModeConfig::Own {
-            source_cidrs,
-            no_nat_cidrs,
-        } => {
-            let of_family = |nets: &[IpNet]| -> Vec<IpNet> {
-                nets.iter()
-                    .copied()
-                    .filter(|n| family_of_net(n) == family)
-                    .collect()
-            };
-            let jumps: Vec<Rule> = of_family(source_cidrs).into_iter().map(jump_rule).collect();
-            if jumps.is_empty() {
+        ModeConfig::Own { .. } => {
+            if fixed.jumps.is_empty() {
                 return without_owned_rules(observed, format!("no {family} --source-cidr"));
             }
-            let mut chain: Vec<Rule> = of_family(no_nat_cidrs)
-                .into_iter()
-                .map(return_rule)
-                .collect();
+            let mut chain = Vec::with_capacity(fixed.returns.len() + 1);
+            chain.extend(fixed.returns.iter().cloned());
             chain.push(addr.map_or_else(masquerade_rule, snat_rule));
             Desired {
                 kilo_nat: Some(chain),
-                jumps,
+                jumps: fixed.jumps.clone(),
                 waiting: None,
             }
         }

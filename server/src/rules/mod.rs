@@ -9,11 +9,12 @@ pub mod plan;
 
 pub use canonical::{
     KILO_NAT, OWNED_COMMENT_PREFIX, ObservedRule, POSTROUTING, Rule, jump_rule, masquerade_rule,
-    parse_listing, return_rule, snat_rule, tokenize,
+    parse_listing, parse_listing_line, parse_listing_line_like, return_rule, share_text, snat_rule,
+    tokenize,
 };
 pub use desired::{
-    Desired, ModeConfig, Observed, describe_drift, desired, drift_cause, family_of_net,
-    without_owned_rules,
+    Desired, FixedRules, ModeConfig, Observed, describe_drift, desired, desired_from, drift_cause,
+    family_of_net, without_owned_rules,
 };
 pub use plan::{Line, Plan, Transaction, plan, plan_cleanup, plan_transaction};
 

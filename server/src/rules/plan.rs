@@ -62,7 +62,7 @@ impl fmt::Display for Line {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Line::DeclareChain(chain) => write!(f, ":{chain} - [0:0]"),
-            Line::Append(rule) => write!(f, "{}", rule.spec()),
+            Line::Append(rule) => write!(f, "{rule}"),
             Line::Insert {
                 chain,
                 position,
@@ -257,10 +257,12 @@ fn plan_decision_switch(observed: &Observed, desired: &Desired) -> Option<Plan> 
     if !jump_lines(observed, desired).is_empty() {
         return None;
     }
-    let others = |rules: &[Rule]| -> Vec<Rule> {
-        rules.iter().filter(|r| !is_decision(r)).cloned().collect()
-    };
-    if others(have) != others(want) {
+    // Compared in place: with thousands of RETURN rules a copy of each side costs ~0.3 MB.
+    if !have
+        .iter()
+        .filter(|r| !is_decision(r))
+        .eq(want.iter().filter(|r| !is_decision(r)))
+    {
         return None;
     }
     let old: Vec<(usize, &Rule)> = have
@@ -473,7 +475,7 @@ mod tests {
             fake.tamper_silently(Family::Ipv4, |t| {
                 t.get_mut(KILO_NAT).unwrap().insert(0, late_return.into());
             });
-            fake.restore(Family::Ipv4, &commit.to_string()).unwrap();
+            fake.restore(Family::Ipv4, &commit).unwrap();
             let chain = fake.chain(Family::Ipv4, KILO_NAT).unwrap();
             let snat = chain
                 .iter()

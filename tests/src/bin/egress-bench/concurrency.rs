@@ -41,14 +41,18 @@ impl Bench<'_> {
     pub fn concurrency(&self, lab: &Lab, backend: Backend) -> anyhow::Result<Concurrency> {
         let plan = self.plan;
         let rules = plan.drift_rules;
-        // The server refuses SetEgress calls beyond 2 in flight per connection and 4 per identity
-        // (RESOURCE_EXHAUSTED); raised here, so all the calls reach the engine's coalescing.
+        // The server lets SetEgress calls beyond 2 in flight per connection and 4 per identity
+        // wait their turn; raised here, so all the calls reach the engine's coalescing. The
+        // addresses are not on the node: `keep` programs them anyway, so every call is a real
+        // switch (the default falls back to MASQUERADE, and the calls would change nothing).
         let calls_limit = plan.concurrent_calls.to_string();
         let config = own_config(backend, rules, Detection::Notifications)
             .arg("--max-writes-per-connection")
             .arg(&calls_limit)
             .arg("--max-writes-per-identity")
-            .arg(&calls_limit);
+            .arg(&calls_limit)
+            .arg("--absent-address")
+            .arg("keep");
         let daemon = lab.start_daemon(config)?;
         let mut client = self.client(&daemon)?;
         let clients: Vec<EgressClient> = (0..plan.concurrent_connections)
