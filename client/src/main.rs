@@ -77,7 +77,14 @@ enum Command {
     /// kernel, or in kilo mode as far as kilo-egressd can put them (while Kilo's agent has not
     /// written KILO-NAT yet, a note on stderr says so); a degraded write path (the last write
     /// failed) is printed on stderr.
-    Health,
+    Health {
+        /// The liveness check: exit 0 whenever kilo-egressd's engine answers (a GetRules round
+        /// trip), whatever the state of the rules. A failing write is retried by kilo-egressd
+        /// itself and a restart would not repair it; a hung or stopped engine does not answer
+        /// within --timeout: exit 1.
+        #[arg(long)]
+        alive: bool,
+    },
     /// Keep the egress pair equal to this Node's annotation (runs beside kilo-egressd).
     Watch(kilo_egress::watch::WatchArgs),
     /// Exit 0 when `kilo-egress watch --heartbeat-file` made progress within --max-age, 1
@@ -463,7 +470,15 @@ async fn run(cli: Cli) -> Result<ExitCode, ClientError> {
         | Command::WatchAlive(_)
         | Command::Completions { .. }
         | Command::Man { .. } => unreachable!("handled before connecting"),
-        Command::Health => {
+        Command::Health { alive: true } => {
+            let rules = client.get_rules().await?;
+            println!(
+                "alive: kilo-egressd answers (generation {}, in sync: {})",
+                rules.generation,
+                if rules.in_sync { "yes" } else { "NO" }
+            );
+        }
+        Command::Health { alive: false } => {
             let status = client.health().await?;
             println!("{}", status.as_str_name());
             if status != tonic_health::pb::health_check_response::ServingStatus::Serving {

@@ -224,13 +224,18 @@ fn daemonset_runs_everywhere_with_only_the_privileges_it_needs() {
                 "{overlay}: {path} mounted: {mounts:?}"
             );
         }
-        for probe in ["startupProbe", "readinessProbe", "livenessProbe"] {
+        for probe in ["startupProbe", "readinessProbe"] {
             assert_eq!(
                 strings(&daemon[probe]["exec"]["command"]),
                 ["/usr/local/bin/kilo-egress", "health"],
                 "{probe}"
             );
         }
+        // Liveness does not restart kilo-egressd for a failing write (a restart repairs nothing).
+        assert_eq!(
+            strings(&daemon["livenessProbe"]["exec"]["command"]),
+            ["/usr/local/bin/kilo-egress", "health", "--alive"]
+        );
 
         let watch = container(ds, "watch");
         let sc = &watch["securityContext"];

@@ -3,6 +3,7 @@
 //! visible while health stays SERVING (the accepted rules are intact); a flushed chain that cannot
 //! be repaired turns health NOT_SERVING; once restores work again, the retry loop (not the 1-hour
 //! safety check the nft harness sets) repairs the chain and every trace of the failure is gone.
+//! The liveness check (`health --alive`) passes throughout, and fails once the daemon is stopped.
 
 use kilo_egress_tests::faults::{path_first, restore_wrappers};
 use kilo_egress_tests::{
@@ -20,7 +21,7 @@ fn writes_fail_visibly_and_recover_through_retries(backend: Backend) {
         env: vec![("PATH".into(), path_first(&wrappers))],
         ..DaemonConfig::own(backend)
     };
-    let d = lab.start_daemon(config).unwrap();
+    let mut d = lab.start_daemon(config).unwrap();
     d.must(d.cli_ok(&["set", family.preferred()]));
     let programmed = d.must(ipt.nat_dump());
 
@@ -60,6 +61,12 @@ fn writes_fail_visibly_and_recover_through_retries(backend: Backend) {
         "NOT_SERVING while the repair fails{}",
         d.context()
     );
+    // The liveness check still passes: the engine answers, and a restart would repair nothing.
+    let alive = d.must(d.cli(&["health", "--alive"]));
+    assert!(
+        alive.success() && alive.stdout.contains("in sync: NO"),
+        "{alive}"
+    );
     let view = d.must(d.get_rules());
     let failure = &view.raw["lastWriteFailure"];
     assert!(
@@ -96,5 +103,10 @@ fn writes_fail_visibly_and_recover_through_retries(backend: Backend) {
         "{:#}",
         view.raw
     );
+    // A stopped kilo-egressd fails the liveness check.
+    let stopped = d.stop();
+    d.must(stopped);
+    let gone = d.must(d.cli(&["health", "--alive"]));
+    assert_eq!(gone.code, Some(1), "{gone}");
 }
 for_each_backend!(writes_fail_visibly_and_recover_through_retries);
