@@ -3,7 +3,8 @@
 #
 # Reproduces Kilo issue #361 in three throw-away network namespaces (pod -> node -> upstream) and
 # solves it on screen: under MASQUERADE upstream sees the node's primary address; after SetEgress
-# it sees the chosen one; after clearing it sees the primary one again. Both IPv4 and IPv6.
+# it sees the chosen one (and `kilo-egress get` and the metrics say so); after clearing it sees the
+# primary one again. Both IPv4 and IPv6.
 # Installs what it lacks, builds the workspace, removes everything it created on exit (also on
 # Ctrl-C or error), and never touches the host's own network namespace or rules.
 # DEMO_CLIENT=cli: call SetEgress through the kilo-egress CLI instead of grpcurl.
@@ -40,7 +41,7 @@ die() { printf '%sdemo: %s%s\n' "$RED" "$*" "$OFF" >&2; exit 1; }
 
 # --- What it needs -------------------------------------------------------------------------------
 heading "Preparing (installs only what is missing)"
-declare -A NEEDS=([ip]=iproute2 [iptables-nft]=iptables [sysctl]=procps)
+declare -A NEEDS=([ip]=iproute2 [iptables-nft]=iptables [sysctl]=procps [curl]=curl)
 missing=()
 for tool in "${!NEEDS[@]}"; do command -v "$tool" >/dev/null 2>&1 || missing+=("${NEEDS[$tool]}"); done
 if ((${#missing[@]})); then
@@ -255,11 +256,12 @@ set_egress() { # set_egress JSON-LIST: SetEgress through grpcurl when present, e
 # own_steps: the default demo, kilo-egressd --mode own (steps 1 to 5).
 own_steps() {
     heading "Step 1: start kilo-egressd in the node namespace"
-    show_cmd "kilo-egressd --mode own --source-cidr 10.44.0.0/24 --source-cidr fd00:44::/64 --listen unix://\$SOCK"
+    show_cmd "kilo-egressd --mode own --source-cidr 10.44.0.0/24 --source-cidr fd00:44::/64 --listen unix://\$SOCK --metrics-listen 127.0.0.1:9464"
     # `ip netns exec`, not in_ns: a function in the background is a subshell, and $! would be its pid.
     ip netns exec "$NODE" env RUST_LOG=info "$BIN/kilo-egressd" --mode own \
         --source-cidr 10.44.0.0/24 --source-cidr fd00:44::/64 \
-        --state-dir "$WORK/state" --listen "unix://$SOCK" >"$WORK/kilo-egressd.log" 2>&1 &
+        --state-dir "$WORK/state" --listen "unix://$SOCK" --metrics-listen 127.0.0.1:9464 \
+        >"$WORK/kilo-egressd.log" 2>&1 &
     OWN_PID=$!
     PIDS+=("$OWN_PID")
     wait_for 30 cli health || die "kilo-egressd did not become ready:
@@ -277,9 +279,12 @@ $(cat "$WORK/kilo-egressd.log")"
     show_switch
     expect_sources 198.51.100.20 2001:db8:2::20
 
-    heading "Step 4: what kilo-egress get reports"
+    heading "Step 4: what kilo-egress get and Prometheus see"
     show_cmd "kilo-egress get"
     cli get | sed 's/^/    /'
+    show_cmd "curl -s http://127.0.0.1:9464/metrics | grep -E '^kilo_egress_(decision_info|in_sync|iptables_restore_total)'"
+    in_ns "$NODE" curl -s http://127.0.0.1:9464/metrics |
+        grep -E '^kilo_egress_(decision_info|in_sync|iptables_restore_total)' | sed 's/^/    /'
 
     heading "Step 5: clear the choice -> MASQUERADE again"
     set_egress '[]'
