@@ -231,10 +231,21 @@ fn daemonset_runs_everywhere_with_only_the_privileges_it_needs() {
                 "{probe}"
             );
         }
-        // Liveness does not restart kilo-egressd for a failing write (a restart repairs nothing).
+        // Liveness does not restart kilo-egressd for a failing write (a restart repairs nothing),
+        // nor while its reads wait for the xtables lock (10 s each): the probe outlasts the call.
+        let liveness = &daemon["livenessProbe"];
         assert_eq!(
-            strings(&daemon["livenessProbe"]["exec"]["command"]),
-            ["/usr/local/bin/kilo-egress", "health", "--alive"]
+            strings(&liveness["exec"]["command"]),
+            [
+                "/usr/local/bin/kilo-egress",
+                "--timeout=30s",
+                "health",
+                "--alive"
+            ]
+        );
+        assert!(
+            liveness["timeoutSeconds"].as_u64().unwrap() > 30,
+            "{liveness}"
         );
 
         let watch = container(ds, "watch");
