@@ -280,7 +280,7 @@ where
 }
 
 /// The boxed future type, without pulling in the futures crate.
-mod futures_util_lite {
+pub(crate) mod futures_util_lite {
     /// A boxed, sendable future.
     pub type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
 }

@@ -4,29 +4,31 @@
 
 use kilo_egress_tests::{bin_path, cmd, require_root};
 
+/// Runs `egress-bench --quick --only PHASES` into a temporary directory; returns it and the parsed
+/// results.json.
+fn quick_run(phases: &str) -> (tempfile::TempDir, serde_json::Value) {
+    let out = tempfile::tempdir().expect("temporary directory");
+    let dir = out.path().display().to_string();
+    let run = cmd::capture(
+        std::process::Command::new(bin_path("egress-bench"))
+            .args(["--quick", "--only", phases, "--out", &dir]),
+        None,
+    )
+    .expect("run egress-bench");
+    assert!(run.success(), "{run}");
+    let results = serde_json::from_slice(
+        &std::fs::read(out.path().join("results.json")).expect("results.json"),
+    )
+    .expect("results.json is JSON");
+    (out, results)
+}
+
 #[test]
 fn quick_bench_writes_results_for_every_backend_and_node() {
     if !require_root("quick_bench_writes_results_for_every_backend_and_node") {
         return;
     }
-    let out = tempfile::tempdir().expect("temporary directory");
-    let dir = out.path().display().to_string();
-    let run = cmd::capture(
-        std::process::Command::new(bin_path("egress-bench")).args([
-            "--quick",
-            "--only",
-            "setegress,ten-thousand",
-            "--out",
-            &dir,
-        ]),
-        None,
-    )
-    .expect("run egress-bench");
-    assert!(run.success(), "{run}");
-    let results: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(out.path().join("results.json")).expect("results.json"),
-    )
-    .expect("results.json is JSON");
+    let (out, results) = quick_run("setegress,ten-thousand");
     let cells = results["setegress"].as_array().expect("setegress cells");
     assert_eq!(
         cells.len(),
@@ -66,19 +68,7 @@ fn quick_bench_times_the_node_watcher_on_both_backends() {
     if !(require_root(name) && kilo_egress_tests::kube::require_kmock(name)) {
         return;
     }
-    let out = tempfile::tempdir().expect("temporary directory");
-    let dir = out.path().display().to_string();
-    let run = cmd::capture(
-        std::process::Command::new(bin_path("egress-bench"))
-            .args(["--quick", "--only", "watch", "--out", &dir]),
-        None,
-    )
-    .expect("run egress-bench");
-    assert!(run.success(), "{run}");
-    let results: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(out.path().join("results.json")).expect("results.json"),
-    )
-    .expect("results.json is JSON");
+    let (out, results) = quick_run("watch");
     let watch = results["watch"].as_array().expect("watch entries");
     assert_eq!(watch.len(), 2, "nft and legacy: {watch:?}");
     for entry in watch {

@@ -543,9 +543,7 @@ async fn polling_reads_the_chains_only_when_the_table_shape_changed() {
 /// One sample of `name{labels}` in the engine's metrics, 0 when absent.
 fn metric(handle: &EngineHandle, series: &str) -> f64 {
     let text = kilo_egress_api::metrics_http::render(handle.metrics().registry());
-    text.lines()
-        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or(0.0)
+    kilo_egress_tests::prom::count(&text, series)
 }
 
 #[tokio::test]

@@ -10,6 +10,7 @@ use tower::{Layer, Service};
 use super::Metrics;
 use crate::peer::{PeerInfo, PeerKind};
 use crate::write_limit::SET_EGRESS_PATH;
+use crate::write_limit::futures_util_lite::BoxFuture;
 
 /// The gRPC code's name as grpc-go spells it (`OK`, `InvalidArgument`, ...).
 fn code_name(code: tonic::Code) -> String {
@@ -101,8 +102,7 @@ where
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future =
-        std::pin::Pin<Box<dyn std::future::Future<Output = Result<S::Response, S::Error>> + Send>>;
+    type Future = BoxFuture<Result<S::Response, S::Error>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         self.inner.poll_ready(cx)
